@@ -1,0 +1,24 @@
+"""diffusion: the core library (schedules, U-Net, text encoder, samplers, guidance, checkpoints).
+
+    import diffusion
+    sched = diffusion.make_schedule("cosine", 1000)
+    x = diffusion.sample(eps_model, sched, (16, 1, 28, 28), sampler="ddim", steps=50, seed=0)
+    pipe = diffusion.load("checkpoints/mnist-text-compact.safetensors")
+    images = pipe.generate(prompt="nine", scheduler="dpmpp_2m", steps=20, guidance=2.0, seed=0)
+
+Imports only third-party packages: never ``training`` or ``service``.
+"""
+
+from diffusion.checkpoint import CheckpointError, load_model, read_checkpoint, save
+from diffusion.models.model import DiffusionModel, ModelConfig, count_parameters, model_config
+from diffusion.models.text import TextEncoderConfig
+from diffusion.pipeline import Condition, ConditionError, Pipeline, load
+from diffusion.samplers import SAMPLERS, get_sampler
+from diffusion.sampling import sample, step_groups
+from diffusion.schedules import Schedule, make_schedule, sampling_timesteps
+
+__all__ = [
+    "SAMPLERS", "CheckpointError", "Condition", "ConditionError", "DiffusionModel", "ModelConfig", "Pipeline",
+    "Schedule", "TextEncoderConfig", "count_parameters", "get_sampler", "load", "load_model", "make_schedule",
+    "model_config", "read_checkpoint", "sample", "sampling_timesteps", "save", "step_groups",
+]

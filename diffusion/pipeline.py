@@ -1,0 +1,146 @@
+"""A loaded model ready to generate: ``diffusion.load(path).generate(prompt="nine")``.
+
+The pipeline owns what every caller needs around the samplers: the device and dtype (bf16 autocast
+on GPU, float32 on CPU), the schedule on that device, turning a request's prompt or class label into
+the model's conditioning vector (with cached prompt embeddings), the null condition, and the
+network call used by :func:`diffusion.sampling.step_groups`.
+
+Prompts and class labels work on both kinds of model: a class-conditional model accepts a prompt
+that names one of its classes (case-insensitive, e.g. "nine", "sneaker"); a text model accepts a
+class label (an index or a class name) and uses the class name as its prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from diffusion.checkpoint import load_model
+from diffusion.imaging import to_pil
+from diffusion.models.model import DiffusionModel
+from diffusion.samplers import get_sampler
+from diffusion.sampling import initial_noise, make_generators, run_to_end
+from diffusion.schedules import make_schedule
+
+
+class ConditionError(ValueError):
+    """A prompt or class label the model cannot use (unknown class, wrong kind, too long)."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A resolved request condition: what the model will actually be given."""
+    label: int | None  # class index (class-conditional models)
+    prompt: str | None  # text (text models)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Pipeline:
+    def __init__(self, model: DiffusionModel, device: torch.device | str | None = None, name: str = "model",
+                 provenance: dict | None = None, bf16: bool | None = None):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.cfg = model.cfg
+        self.name = name
+        self.provenance = provenance or {}
+        self.schedule = make_schedule(self.cfg.schedule, self.cfg.num_timesteps).to(self.device)
+        self.autocast = (bf16 if bf16 is not None else self.device.type == "cuda")
+        with torch.no_grad():
+            self.null_cond = model.null_condition()
+
+    # --- conditioning -------------------------------------------------------------------------
+    def class_index(self, label: int | str) -> int:
+        names = self.cfg.class_names
+        if isinstance(label, bool):
+            raise ConditionError("class_label must be an integer or a class name")
+        if isinstance(label, int):
+            if not names or not 0 <= label < len(names):
+                raise ConditionError(f"class_label {label} out of range [0, {len(names) - 1}]" if names
+                                     else "this model has no classes")
+            return label
+        lookup = {n.lower(): i for i, n in enumerate(names)}
+        key = str(label).strip().lower()
+        if key not in lookup:
+            raise ConditionError(f"unknown class {label!r}; known: {', '.join(names)}")
+        return lookup[key]
+
+    def resolve(self, prompt: str | None = None, class_label: int | str | None = None) -> Condition:
+        """What a request asks for, in the terms this model understands."""
+        if prompt is not None and class_label is not None:
+            raise ConditionError("give either prompt or class_label, not both")
+        has_text, has_class = self.cfg.text is not None, self.cfg.num_classes > 0
+        if prompt is not None:
+            if has_text:
+                enc = self.model.text_encoder
+                n = enc.token_count(prompt)
+                if n > enc.context_length - 2:
+                    raise ConditionError(f"prompt is {n} tokens; this model reads at most {enc.context_length - 2}")
+                return Condition(None, prompt)
+            if has_class:
+                return Condition(self.class_index(prompt), None)
+            raise ConditionError("this model is unconditional: leave prompt and class_label out")
+        if class_label is not None:
+            idx = self.class_index(class_label)
+            return Condition(idx if has_class else None, None if has_class else self.cfg.class_names[idx])
+        return Condition(None, "" if has_text else None)  # unconditional
+
+    @functools.lru_cache(maxsize=4096)
+    def _text_embedding(self, prompt: str) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.encode_prompts([prompt])[0]
+
+    @torch.no_grad()
+    def cond_vector(self, c: Condition) -> torch.Tensor | None:
+        """The conditioning vector [emb_dim] for one condition (prompt embeddings are cached)."""
+        if self.null_cond is None:
+            return None
+        labels = torch.tensor([c.label], device=self.device) if c.label is not None else None
+        text = self._text_embedding(c.prompt).unsqueeze(0) if (c.prompt is not None and self.cfg.text) else None
+        return self.model.condition(labels=labels, text_emb=text, batch=1)[0]
+
+    # --- the network --------------------------------------------------------------------------
+    def net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.model(x, t, cond).float()
+
+    # --- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_tensor(self, prompt: str | None = None, class_label: int | str | None = None,
+                        scheduler: str = "ddim", steps: int | None = None, guidance: float | None = None,
+                        seed: int | None = None, num_images: int = 1, clip: str = "none",
+                        percentile: float = 0.995, spacing: str | None = None, **options) -> torch.Tensor:
+        """Images [N, C, H, W] in model space (about [-1, 1]), unclipped."""
+        steps = steps or self.cfg.default_steps
+        guidance = self.cfg.default_guidance if guidance is None else guidance
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+        cond = self.cond_vector(self.resolve(prompt, class_label))
+        seeds = [seed + k for k in range(num_images)]
+        gens = make_generators(seeds, self.device)
+        x_T = initial_noise(gens, tuple(self.cfg.image_shape), self.device)
+        conds = cond.unsqueeze(0).expand(num_images, -1) if cond is not None else None
+        state = get_sampler(scheduler).init(self.schedule, x_T, [steps] * num_images, gens, spacing, cond=conds,
+                                            guidance=guidance if cond is not None else 0.0, clip=clip,
+                                            percentile=percentile, **options)
+        out = run_to_end({scheduler: state}, self.net, self.schedule, self.cfg.prediction, self.null_cond)
+        return out[scheduler].x
+
+    def generate(self, prompt: str | None = None, class_label: int | str | None = None, scheduler: str = "ddim",
+                 steps: int | None = None, guidance: float | None = None, seed: int | None = None,
+                 num_images: int = 1, **options) -> list:
+        """PIL images for a prompt or class label; ``seed`` (default random) seeds image k with seed + k."""
+        x = self.generate_tensor(prompt, class_label, scheduler, steps, guidance, seed, num_images, **options)
+        return [to_pil(img) for img in x]
+
+
+def load(path: str, device: torch.device | str | None = None, bf16: bool | None = None) -> Pipeline:
+    """Load a checkpoint (safetensors, validated) into a ready pipeline, on the GPU when there is one."""
+    from pathlib import Path
+
+    dev = torch.device(device) if device is not None else default_device()
+    model, prov = load_model(path, dev)
+    return Pipeline(model, dev, name=Path(path).stem, provenance=prov, bf16=bf16)

@@ -1,0 +1,39 @@
+"""The one place that owns the prediction type.
+
+The network may predict ε ("epsilon", the default and the study's choice) or v = √ᾱ·ε − √(1−ᾱ)·x0
+("v", Salimans & Ho 2022). The training loss asks :func:`training_target` what to regress on;
+samplers only ever see ε through :func:`to_eps` and never branch on the prediction type.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v")
+
+
+def to_eps(prediction: str, out: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Network output -> ε, given x_t and ᾱ_t per row (broadcastable)."""
+    if prediction == "epsilon":
+        return out
+    if prediction == "v":
+        a, s = alpha_bar.sqrt().to(out.dtype), (1 - alpha_bar).sqrt().to(out.dtype)
+        return s * x_t + a * out
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+def training_target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """What the network regresses on for x_t = √ᾱ x0 + √(1−ᾱ) ε."""
+    if prediction == "epsilon":
+        return eps
+    if prediction == "v":
+        return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+def eps_to_x0(eps: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def x0_to_eps(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()

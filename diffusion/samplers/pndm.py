@@ -1,0 +1,112 @@
+"""PNDM (Liu et al. 2022, "Pseudo numerical methods for diffusion models on manifolds").
+
+The transfer φ(x_t, ε, t → t') is the deterministic DDIM step. The first three steps are its
+warm-up, pseudo Runge–Kutta (4 evaluations each, at t, the midpoint twice, and t'):
+
+    e1 = ε(x_t, t)            x1 = φ(x_t, e1, t → m)
+    e2 = ε(x1, m)             x2 = φ(x_t, e2, t → m)
+    e3 = ε(x2, m)             x3 = φ(x_t, e3, t → t')
+    e4 = ε(x3, t')            x_t' = φ(x_t, (e1 + 2e2 + 2e3 + e4)/6, t → t')
+
+Every later step is pseudo linear multistep (4th-order Adams–Bashforth on ε, one evaluation):
+
+    e' = (55 e_t − 59 e_{t+δ} + 37 e_{t+2δ} − 9 e_{t+3δ}) / 24,  x_t' = φ(x_t, e', t → t')
+
+where the history holds ε evaluated at the start of each earlier step. A step whose target is the
+clean end (t' = -1; no model evaluation is possible there) is never a Runge–Kutta step: it uses
+multistep with the history available (orders 1 to 4). NFE = 4·min(3, S−1) + (S − min(3, S−1)).
+The midpoint m is (t + t') // 2 (an integer timestep, as the model needs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffusion.samplers.base import RowState, Sampler, alpha_bar, current_t
+from diffusion.samplers.ddim import ddim_step
+from diffusion.schedules import Schedule
+
+WARMUP_STEPS = 3
+# Adams–Bashforth coefficients by order, newest ε first.
+AB = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+@dataclass
+class PNDMState(RowState):
+    hist: torch.Tensor = None  # [B, 3, C, H, W] ε at the starts of the last 3 steps, newest first
+    n_hist: torch.Tensor = None  # [B] long: how many entries of hist are valid
+    xq: torch.Tensor = None  # [B, C, H, W] the point queried at a Runge–Kutta sub-stage
+    acc: torch.Tensor = None  # [B, C, H, W] running (e1 + 2e2 + 2e3 + e4)
+
+
+def _bcast(v: torch.Tensor, nd: int) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (nd - 1)))
+
+
+class PNDM(Sampler):
+    name = "pndm"
+    state_cls = PNDMState
+    default_spacing = "leading"  # as diffusers' PNDM: its averaged ε is unstable at zero SNR (t = T-1, cosine)
+
+    def extra_state(self, x_T):
+        b = x_T.shape[0]
+        return dict(hist=x_T.new_zeros(b, 3, *x_T.shape[1:]), n_hist=torch.zeros(b, dtype=torch.long, device=x_T.device),
+                    xq=x_T.clone(), acc=torch.zeros_like(x_T))
+
+    def evaluations(self, steps: int) -> int:
+        rk = min(WARMUP_STEPS, steps - 1)
+        return 4 * rk + (steps - rk)
+
+    @staticmethod
+    def _runge_kutta(state: PNDMState) -> torch.Tensor:
+        return (state.i < WARMUP_STEPS) & (current_t(state, 1) >= 0)
+
+    @staticmethod
+    def _mid(state: PNDMState) -> torch.Tensor:
+        return (current_t(state) + current_t(state, 1)) // 2
+
+    def query(self, schedule: Schedule, state: PNDMState):
+        t, t_next, mid = current_t(state), current_t(state, 1), self._mid(state)
+        tq = torch.where(state.stage == 0, t, torch.where(state.stage == 3, t_next, mid))
+        xq = torch.where(_bcast(state.stage == 0, state.x.ndim), state.x, state.xq)
+        return xq, tq
+
+    def update(self, schedule: Schedule, state: PNDMState, eps: torch.Tensor) -> PNDMState:
+        nd, x = state.x.ndim, state.x
+        t, t_next, mid = current_t(state), current_t(state, 1), self._mid(state)
+        ab_t, ab_next, ab_mid = (alpha_bar(schedule, v, nd) for v in (t, t_next, mid))
+        live, rk, s = t >= 0, self._runge_kutta(state), state.stage
+
+        # Multistep rows (stage 0, not Runge–Kutta): combine ε with the history, step to t'.
+        order = (state.n_hist + 1).clamp(max=4)
+        e_ms = torch.zeros_like(eps)
+        for k in range(1, 5):
+            sel = order == k
+            if bool(sel.any()):
+                e_k = AB[k][0] * eps
+                for j in range(1, k):
+                    e_k = e_k + AB[k][j] * state.hist[:, j - 1]
+                e_ms = torch.where(_bcast(sel, nd), e_k, e_ms)
+        x_ms = ddim_step(x, e_ms, ab_t, ab_next)
+
+        # Runge–Kutta rows, by stage.
+        w = torch.tensor([1.0, 2.0, 2.0, 1.0], device=eps.device, dtype=eps.dtype)[s]
+        acc = torch.where(_bcast(s == 0, nd), torch.zeros_like(eps), state.acc) + _bcast(w, nd) * eps
+        ab_q = torch.where(s <= 1, ab_mid.flatten(), ab_next.flatten()).reshape(ab_t.shape)
+        xq_new = ddim_step(x, eps, ab_t, ab_q)  # stages 0,1 -> midpoint; stage 2 -> t'
+        x_rk = ddim_step(x, acc / 6, ab_t, ab_next)  # stage 3 completes the step
+
+        starts = live & (s == 0)  # every step start records ε in the history
+        finishing = live & ((~rk & (s == 0)) | (rk & (s == 3)))
+        hist = torch.where(_bcast(starts, nd + 1), torch.cat([eps.unsqueeze(1), state.hist[:, :2]], 1), state.hist)
+        state.n_hist = torch.where(starts, (state.n_hist + 1).clamp(max=3), state.n_hist)
+        state.hist = hist
+        new_x = torch.where(_bcast(rk, nd), x_rk, x_ms)
+        state.x = torch.where(_bcast(finishing, nd), new_x, x)
+        state.xq = torch.where(_bcast(rk & live, nd), xq_new, state.xq)
+        state.acc = acc
+        state.stage = torch.where(finishing | ~live, torch.zeros_like(s), torch.where(rk, s + 1, s))
+        state.i = state.i + finishing.long()
+        return state
