@@ -78,12 +78,19 @@ def cat_rows(states: list[RowState]) -> RowState:
     return type(states[0])(**out)
 
 
-def plan_timesteps(schedule: Schedule, steps: list[int], spacing: str, device) -> torch.Tensor:
-    """[B, max(steps)+1] planned timesteps per row, each row ending in -1 padding."""
+def plan_timesteps(schedule: Schedule, steps: list[int], spacing: str, device,
+                   sigma_max: float | None = None) -> torch.Tensor:
+    """[B, max(steps)+1] planned timesteps per row, each row ending in -1 padding. With
+    ``sigma_max`` the plan covers only timesteps whose σ is at most that (from t_max down)."""
     width = max(steps) + 1
     out = torch.full((len(steps), width), -1, dtype=torch.long)
+    horizon = schedule.num_timesteps
+    if sigma_max is not None and spacing != "karras":
+        horizon = int((schedule.sigmas <= sigma_max).sum().item())
     for b, s in enumerate(steps):
-        out[b, :s] = torch.tensor(sampling_timesteps(schedule.num_timesteps, s, spacing, schedule))
+        if not 1 <= s <= horizon:
+            raise ValueError(f"steps must be in [1, {horizon}], got {s}")
+        out[b, :s] = torch.tensor(sampling_timesteps(horizon, s, spacing, schedule))
     return out.to(device)
 
 
@@ -100,11 +107,14 @@ def alpha_bar(schedule: Schedule, t: torch.Tensor, ndim: int) -> torch.Tensor:
 def row_noise(gens: list, like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Fresh N(0, I) noise for the rows flagged in ``rows`` (zeros elsewhere), each row drawn from
     its own generator, so a row's noise does not depend on its batch-mates."""
-    out = torch.zeros_like(like)
-    for b in rows.nonzero().flatten().tolist():
-        g = gens[b]
-        out[b] = torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype).to(like.device)
-    return out
+    idx = rows.nonzero().flatten()
+    if idx.numel() == 0:
+        return torch.zeros_like(like)
+    draws = torch.stack([torch.randn(like.shape[1:], generator=gens[b], device=gens[b].device, dtype=like.dtype)
+                         for b in idx.tolist()]).to(like.device)
+    if idx.numel() == like.shape[0]:
+        return draws
+    return torch.zeros_like(like).index_copy(0, idx.to(like.device), draws)
 
 
 class Sampler:
@@ -114,6 +124,7 @@ class Sampler:
     state_cls: type = RowState
     min_steps: int = 1
     default_spacing: str = "trailing"
+    sigma_max: float | None = None  # start no noisier than this σ (None: at t = T-1)
 
     def options(self, n: int, device, **opts) -> dict:
         """Per-row option tensors for ``n`` rows (subclasses read the options they accept)."""
@@ -135,7 +146,7 @@ class Sampler:
         from diffusion.guidance import clip_code
 
         zeros = torch.zeros(n, dtype=torch.long, device=dev)
-        base = dict(x=x_T, ts=plan_timesteps(schedule, steps, spacing or self.default_spacing, dev), i=zeros, stage=zeros.clone(),
+        base = dict(x=x_T, ts=plan_timesteps(schedule, steps, spacing or self.default_spacing, dev, self.sigma_max), i=zeros, stage=zeros.clone(),
                     gens=list(gens), cond=cond,
                     w=torch.as_tensor(guidance, dtype=torch.float32, device=dev).expand(n).clone(),
                     clip=torch.full((n,), clip_code(clip), dtype=torch.long, device=dev),
