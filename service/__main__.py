@@ -1,0 +1,53 @@
+"""``python -m service [--host H] [--port P] [--checkpoint-dir DIR] [--device cuda|cpu] …``
+
+Every option is a field of :class:`service.settings.Settings` and also an environment variable
+(``--max-batch-rows`` ⇔ ``DIFFUSION_MAX_BATCH_ROWS``); the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    from service.settings import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m service", description="Serve diffusion checkpoints over HTTP.")
+    for name, field in Settings.model_fields.items():
+        env = "DIFFUSION_" + name.upper()
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="VALUE",
+                            help=f"{field.description or ''} [env {env}]")
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    import uvicorn
+
+    from service import logs
+    from service.api import create_app
+    from service.registry import NoCheckpoints, find_checkpoints
+    from service.settings import Settings
+
+    try:
+        settings = Settings(**options)
+    except ValidationError as e:
+        print(f"invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    try:
+        find_checkpoints(settings.checkpoint_dir)  # fail now, clearly, rather than inside the server
+    except NoCheckpoints as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""A request id for every request (the ``X-Request-ID`` header, echoed back), one JSON log line per
+request, and the per-request outcome of /generate counted in the metrics.
+
+Pure ASGI (no BaseHTTPMiddleware), so it never buffers responses or interferes with disconnects.
+Routes add fields to the log line through ``request.state.log`` (a dict).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+log = logging.getLogger("service.requests")
+
+_VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+GENERATE_PATH = "/generate"
+
+
+class RequestLog:
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
+        info: dict = {}
+        state = scope.setdefault("state", {})
+        state["request_id"], state["log"] = rid, info
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            total = time.perf_counter() - start
+            status = info.pop("status", status)  # 499: the client went away
+            line = {"event": "request", "request_id": rid, "method": scope["method"], "path": scope["path"],
+                    "status": status, **info, "total_s": round(total, 4)}
+            log.info(line)
+            if scope["path"] == GENERATE_PATH and scope["method"] == "POST":
+                self.metrics.request(info.get("model", "unknown"), info.get("scheduler", "unknown"), status, total)

@@ -1,0 +1,217 @@
+"""The engine: an admission queue in front of one worker thread that owns every model on a device.
+
+The worker loops *schedule → execute → update*:
+
+1. schedule: the pure :func:`service.engine.scheduler.plan` picks the waiting requests that join
+   now and the requests to drop (caller gone, deadline passed);
+2. execute: for each model with rows in flight, ONE forward pass over all of them
+   (:meth:`ModelBatch.step`);
+3. update: finished rows leave at once; a request whose last image is done is answered.
+
+Callers (the HTTP layer) only :meth:`Engine.submit` a :class:`GenerationSpec` and wait on the
+returned job's future; :meth:`Job.cancel` makes the engine drop its rows at the next iteration.
+The engine emits stats through an :class:`Observer` (see :mod:`service.metrics`); it knows nothing
+of HTTP. Tests drive :meth:`Engine.iterate` directly, without the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from service.engine.executor import Model, ModelBatch
+from service.engine.job import (DeadlineExceeded, EngineClosed, GenerationFailed, GenerationResult, GenerationSpec,
+                                Job, QueueFull)
+from service.engine.scheduler import Ticket, plan
+
+log = logging.getLogger("service.engine")
+
+
+class Observer(Protocol):
+    def queue_wait(self, model: str, seconds: float) -> None: ...
+
+    def forward(self, model: str, rows: int, seconds: float) -> None: ...
+
+    def images(self, model: str, count: int) -> None: ...
+
+
+class _NoObserver:
+    def queue_wait(self, model, seconds): pass
+
+    def forward(self, model, rows, seconds): pass
+
+    def images(self, model, count): pass
+
+
+class Engine:
+    def __init__(self, models: Mapping[str, Model], *, max_rows: int = 64, max_queue: int = 256,
+                 observer: Observer | None = None, clock=time.monotonic):
+        self.batches = {name: ModelBatch(m) for name, m in models.items()}
+        self.max_rows, self.max_queue = max_rows, max_queue
+        self.observer = observer or _NoObserver()
+        self.clock = clock
+        self._waiting: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._closed = False  # no more submissions
+        self._stop = False  # the worker exits
+        self._thread: threading.Thread | None = None
+        self._service_time_s = 1.0  # running mean of admitted -> done, for Retry-After
+        self.iterations = 0
+
+    # --- the caller's side ------------------------------------------------------------------
+    def submit(self, spec: GenerationSpec, timeout_s: float) -> Job:
+        """Queue a request; raises QueueFull, EngineClosed, or KeyError for an unknown model."""
+        if spec.model not in self.batches:
+            raise KeyError(spec.model)
+        if spec.num_images > self.max_rows:
+            raise ValueError(f"{spec.num_images} images exceed the {self.max_rows} rows of a forward pass")
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the service is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(len(self._waiting), self.retry_after_s())
+            job = Job(spec, deadline=self.clock() + timeout_s, submitted_at=self.clock())
+            self._waiting.append(job)
+            self._cv.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        job.cancel()
+        with self._cv:
+            self._cv.notify_all()
+
+    def retry_after_s(self) -> int:
+        """A rough wait before the queue has room: how many waves of the queue at one service time."""
+        waves = max(1, len(self._waiting)) / max(1, self.max_rows)
+        return max(1, math.ceil(waves * self._service_time_s))
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def rows_in_flight(self) -> int:
+        return sum(b.rows for b in self.batches.values())
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    # --- the worker -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="diffusion-engine", daemon=True)
+            self._thread.start()
+
+    def _idle(self) -> bool:
+        return not self._waiting and self.rows_in_flight == 0
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and self._idle():
+                    self._cv.wait()
+                if self._stop:
+                    return
+            try:
+                self.iterate()
+            except Exception:  # never let one bad iteration kill the worker
+                log.exception("engine iteration failed")
+
+    def iterate(self) -> int:
+        """One engine iteration over every model; returns the rows that went through a forward pass."""
+        now = self.clock()
+        with self._cv:
+            running = {job.id: job for b in self.batches.values() for job in b.jobs()}
+            waiting = {job.id: job for job in self._waiting}
+            decision = plan([_ticket(j, now) for j in self._waiting], [_ticket(j, now) for j in running.values()],
+                            self.max_rows)
+            gone = set(decision.drop_waiting) | set(decision.admit)
+            self._waiting = deque(j for j in self._waiting if j.id not in gone)
+        for key in decision.drop_waiting:
+            _give_up(waiting[key], now)
+        dropped = {running[k] for k in decision.drop_running}
+        for job in dropped:
+            _give_up(job, now)
+        if dropped:
+            for b in self.batches.values():
+                b.drop(dropped)
+        for key in decision.admit:
+            self._admit(waiting[key])
+        total = 0
+        for name, batch in self.batches.items():
+            if batch.rows:
+                total += self._step(name, batch)
+        self.iterations += 1
+        return total
+
+    def _admit(self, job: Job) -> None:
+        job.admitted_at = self.clock()
+        self.observer.queue_wait(job.spec.model, job.admitted_at - job.submitted_at)
+        try:
+            self.batches[job.spec.model].admit(job)
+        except Exception as e:  # a request the model cannot run fails alone
+            log.exception("admitting job %s failed", job.id)
+            job.finish(error=GenerationFailed(f"could not start generation: {e}"))
+
+    def _step(self, name: str, batch: ModelBatch) -> int:
+        start = self.clock()
+        try:
+            rows = batch.step()
+            finished = batch.retire()  # reads the done flags: the step's one host synchronisation
+        except Exception as e:
+            log.exception("forward pass of model %s failed; failing its %d rows", name, batch.rows)
+            for job in batch.clear():
+                job.finish(error=GenerationFailed(f"generation failed: {type(e).__name__}"))
+            return 0
+        end = self.clock()
+        self.observer.forward(name, rows, end - start)
+        for job, k, image in finished:
+            job.images[k] = image
+            if len(job.images) == job.rows:
+                self._complete(job, end)
+        return rows
+
+    def _complete(self, job: Job, now: float) -> None:
+        generating = now - job.admitted_at
+        self._service_time_s = 0.8 * self._service_time_s + 0.2 * generating
+        images = torch.stack([job.images[k] for k in range(job.rows)])
+        job.images = {}
+        if job.finish(GenerationResult(images, job.admitted_at - job.submitted_at, generating)):
+            self.observer.images(job.spec.model, job.rows)
+
+    # --- shutdown ------------------------------------------------------------------------------
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        """Stop admitting; let work in flight (and queued) finish for up to ``grace_s``; fail the rest."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        deadline = time.monotonic() + grace_s
+        if self._thread is not None:
+            while time.monotonic() < deadline and not self._idle() and self._thread.is_alive():
+                time.sleep(0.01)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        leftover = set(self._waiting) | {j for b in self.batches.values() for j in b.clear()}
+        self._waiting.clear()
+        for job in leftover:
+            job.finish(error=EngineClosed("the service shut down before this request finished"))
+
+
+def _ticket(job: Job, now: float) -> Ticket:
+    return Ticket(job.id, job.spec.model, job.rows, cancelled=job.cancelled, expired=job.expired(now))
+
+
+def _give_up(job: Job, now: float) -> None:
+    if not job.cancelled:
+        job.finish(error=DeadlineExceeded(f"deadline passed after {now - job.submitted_at:.1f} s"))

@@ -1,0 +1,102 @@
+"""What the engine is asked to do (a :class:`GenerationSpec`), the handle of a submitted request
+(a :class:`Job`), what it gives back (a :class:`GenerationResult`), and the ways it can refuse."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+
+import torch
+
+from diffusion import Condition
+
+
+class EngineError(RuntimeError):
+    """Base class of the engine's refusals."""
+
+
+class QueueFull(EngineError):
+    def __init__(self, depth: int, retry_after_s: int):
+        super().__init__(f"queue full ({depth} requests waiting); retry in about {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down (or stopped) and takes no more work."""
+
+
+class DeadlineExceeded(EngineError):
+    """The request's deadline passed before its images were done."""
+
+
+class GenerationFailed(EngineError):
+    """The model raised while working on this request (the engine itself goes on)."""
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A fully validated request, in the engine's terms (no HTTP, no tensors)."""
+    model: str
+    condition: Condition
+    scheduler: str
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]
+    eta: float = 0.0
+    clip: str = "none"
+    percentile: float = 0.995
+    spacing: str | None = None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # [N, C, H, W] on the CPU, model space (about [-1, 1]), in seed order
+    queued_s: float  # submitted -> admitted into the running batch
+    generating_s: float  # admitted -> last image done
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    """A submitted request: its spec, timing, the rows done so far and the future its caller awaits."""
+    spec: GenerationSpec
+    deadline: float  # time.monotonic() after which the engine drops it
+    id: int = field(default_factory=lambda: next(_ids))
+    future: Future = field(default_factory=Future)
+    submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    images: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.spec.num_images
+
+    def cancel(self) -> None:
+        """Give up on this request; the engine drops its rows at its next iteration."""
+        self.future.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+    def expired(self, now: float) -> bool:
+        return now >= self.deadline
+
+    def finish(self, result: GenerationResult | None = None, error: BaseException | None = None) -> bool:
+        """Resolve the future once; False when the caller already gave up (cancelled)."""
+        try:
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+            return True
+        except InvalidStateError:
+            return False

@@ -1,0 +1,83 @@
+"""Prometheus metrics: the fixed names dashboards rely on, fed by engine stats and request outcomes.
+
+The engine reports through the :class:`service.engine.Observer` methods (queue wait, forward
+passes, images); the HTTP layer reports each finished request (:meth:`Metrics.request`); the two
+gauges are read from the engine when Prometheus scrapes. Every app gets its own registry (with the
+process, platform and GC collectors), so several apps can live in one process (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+# From a few milliseconds (a tiny model's few steps on a GPU) to minutes (1000 steps, a long queue).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, queue_depth: Callable[[], float] = lambda: 0, rows_in_flight: Callable[[], float] = lambda: 0):
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.requests = Counter("diffusion_requests_total", "Generation requests by outcome (HTTP status code)",
+                                ["model", "scheduler", "status"], registry=r)
+        self.duration = Histogram("diffusion_request_duration_seconds", "End-to-end /generate latency",
+                                  ["model", "scheduler"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait_s = Histogram("diffusion_queue_wait_seconds", "Time from submission to the first step",
+                                      ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram("diffusion_batch_rows", "Image rows per batched forward pass "
+                                    "(guided rows are evaluated twice inside it)", ["model"], buckets=ROW_BUCKETS,
+                                    registry=r)
+        self.forward_s = Histogram("diffusion_forward_duration_seconds", "One engine iteration of a model: "
+                                   "forward pass and sampler updates", ["model"], buckets=FORWARD_BUCKETS, registry=r)
+        self.images_total = Counter("diffusion_images_generated_total", "Images returned", ["model"], registry=r)
+        self.depth = Gauge("diffusion_queue_depth", "Requests waiting for rows", registry=r)
+        self.depth.set_function(queue_depth)
+        self.in_flight = Gauge("diffusion_rows_in_flight", "Images being denoised", registry=r)
+        self.in_flight.set_function(rows_in_flight)
+
+    def watch(self, queue_depth: Callable[[], float], rows_in_flight: Callable[[], float]) -> None:
+        """Read the two gauges from these callables (the engine) at every scrape."""
+        self.depth.set_function(queue_depth)
+        self.in_flight.set_function(rows_in_flight)
+
+    def declare(self, models: list[str], schedulers: list[str]) -> None:
+        """Create the labelled series at zero so dashboards show them before the first request."""
+        for m in models:
+            self.queue_wait_s.labels(m)
+            self.batch_rows.labels(m)
+            self.forward_s.labels(m)
+            self.images_total.labels(m)
+            for s in schedulers:
+                self.duration.labels(m, s)
+
+    # --- the engine's Observer ------------------------------------------------------------------
+    def queue_wait(self, model: str, seconds: float) -> None:
+        self.queue_wait_s.labels(model).observe(seconds)
+
+    def forward(self, model: str, rows: int, seconds: float) -> None:
+        self.batch_rows.labels(model).observe(rows)
+        self.forward_s.labels(model).observe(seconds)
+
+    def images(self, model: str, count: int) -> None:
+        self.images_total.labels(model).inc(count)
+
+    # --- the HTTP layer ---------------------------------------------------------------------------
+    def request(self, model: str, scheduler: str, status: int, seconds: float | None = None) -> None:
+        """One finished /generate request; ``status`` is its HTTP status code."""
+        self.requests.labels(model, scheduler, str(status)).inc()
+        if seconds is not None and status == 200:
+            self.duration.labels(model, scheduler).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

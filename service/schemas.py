@@ -1,0 +1,94 @@
+"""The HTTP API's request and response bodies (pydantic; they are also the OpenAPI at /docs).
+
+Limits that come from the settings or the model (``num_images``, ``steps``, prompt length) are
+checked after parsing, in :mod:`service.generation`, and reported in the same 422 format.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from diffusion import SAMPLERS
+from diffusion.guidance import CLIP_MODES
+from diffusion.schedules import SPACINGS
+
+SchedulerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
+MAX_SEED = 2**53  # exact in every JSON client (JavaScript numbers)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"prompt": "nine", "scheduler": "ddim", "steps": 50, "seed": 0},
+                     {"class_label": 7, "scheduler": "dpmpp_2m", "steps": 20, "guidance": 3.0, "num_images": 4}]})
+
+    prompt: str | None = Field(None, description="Text. A class-conditional model accepts a prompt that names one "
+                               "of its classes (\"nine\", \"Sneaker\", case-insensitive).")
+    class_label: StrictInt | StrictStr | None = Field(None, description="Class index or class name. A text model "
+                                          "turns it into its class name and uses that as the prompt.")
+    model: str | None = Field(None, description="Model name (see GET /models); default: the service's default model.")
+    scheduler: SchedulerName = Field("ddim", description="Sampler.")
+    steps: int | None = Field(None, strict=True, ge=1, description="Denoising steps, 1 … the model's T "
+                              "(and the service's limit); default: the model's.")
+    guidance: float | None = Field(None, strict=True, ge=0, allow_inf_nan=False,
+                                   description="Classifier-free guidance rate w ≥ 0; default: the model's.")
+    eta: float | None = Field(None, strict=True, ge=0, allow_inf_nan=False,
+                              description="DDIM only: 0 deterministic, 1 ancestral. Default 0.")
+    seed: int | None = Field(None, strict=True, ge=0, le=MAX_SEED, description="Image k uses seed + k; "
+                             "default: random. The seeds used are always returned.")
+    num_images: int = Field(1, strict=True, ge=1, description="Images for this request (1 … the service's limit).")
+    clip: Literal[CLIP_MODES] = Field("none", description="x̂0 thresholding at every step: none, "  # type: ignore[valid-type]
+                                      "static ([-1, 1]) or dynamic (Imagen).")
+    percentile: float = Field(0.995, strict=True, gt=0, le=1, allow_inf_nan=False,
+                              description="Dynamic thresholding percentile.")
+    spacing: Literal[SPACINGS] | None = Field(None, description="Timestep spacing; default: the "  # type: ignore[valid-type]
+                                               "sampler's own (trailing; leading for pndm; karras for heun).")
+
+
+class Timings(BaseModel):
+    queued_s: float = Field(description="Waiting for rows in the running batch.")
+    generating_s: float = Field(description="From joining the batch to the last image.")
+    total_s: float = Field(description="Request received to response ready.")
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="Base64-encoded PNG images, one per seed.")
+    seeds: list[int]
+    model: str
+    scheduler: str
+    steps: int
+    guidance: float
+    timings: Timings
+    request_id: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    default: bool
+    conditioning: str = Field(description="class, text, class+text or none.")
+    class_names: list[str]
+    image_shape: list[int] = Field(description="[channels, height, width].")
+    schedule: str
+    num_timesteps: int
+    prediction: str
+    default_steps: int
+    default_guidance: float
+    max_prompt_tokens: int | None = Field(description="Text models: the longest prompt, in tokens.")
+    schedulers: list[str]
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class ErrorItem(BaseModel):
+    field: str = Field(description="The offending field (dotted path into the body; \"body\" for the body itself).")
+    msg: str
+    type: str
+    loc: list[str | int]
+
+
+class ErrorResponse(BaseModel):
+    detail: list[ErrorItem] | str

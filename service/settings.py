@@ -1,0 +1,89 @@
+"""Every option of the service, validated in one place.
+
+Each field is an environment variable with the ``DIFFUSION_`` prefix (``DIFFUSION_PORT=8000``) and a
+command-line option of ``python -m service`` (``--port 8000``); the command line wins. The object is
+built by ``python -m service`` (or a test) and handed to :func:`service.api.app.create_app`; nothing
+creates it at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split(value):
+    """Lists come from the environment or the command line as comma-separated strings."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIFFUSION_", env_file=None, extra="ignore")
+
+    # --- where and what ------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
+    checkpoint_dir: Path = Field(Path("checkpoints"), description="every *.safetensors in it is served")
+    default_model: str | None = Field(None, description="model used when a request names none "
+                                      "(default: mnist-text-compact if present, else the first by name)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
+
+    # --- limits --------------------------------------------------------------------------------
+    max_batch_rows: int = Field(64, ge=1, le=4096, description="images denoised together per forward pass, per model")
+    max_queue: int = Field(256, ge=1, description="requests waiting for rows; more get 429")
+    request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline (504 when it passes)")
+    max_images: int = Field(8, ge=1, description="num_images per request")
+    max_steps: int = Field(1000, ge=1, description="steps per request (also at most the model's T)")
+    max_prompt_chars: int = Field(300, ge=1, description="prompt length in characters (tokens: the model's own limit)")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on shutdown, time for in-flight work to finish")
+
+    # --- access and operations -----------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer keys; empty: no authentication")
+    metrics_require_key: bool = Field(False, description="key /metrics behind the API keys too")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated CORS origins")
+    log_prompts: bool = Field(False, description="include prompts in the request log lines")
+    log_level: str = Field("info", description="debug | info | warning | error")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _lists(cls, value):
+        return _split(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, keys: list[SecretStr]):
+        if any(not k.get_secret_value() for k in keys):
+            raise ValueError("API keys must not be empty")
+        return keys
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level must be debug, info, warning or error, got {value!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.max_images > self.max_batch_rows:
+            raise ValueError(f"max_images ({self.max_images}) cannot exceed max_batch_rows ({self.max_batch_rows}): "
+                             "a request's images are admitted together")
+        return self
+
+    def key_values(self) -> list[bytes]:
+        return [k.get_secret_value().encode() for k in self.api_keys]
