@@ -97,7 +97,7 @@ class DatasetSpec:
 
 
 def _to_unit_range(images_uint8: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).float() / 127.5 - 1.0
+    x = torch.from_numpy(np.array(images_uint8, copy=True)).float() / 127.5 - 1.0
     return x.unsqueeze(1) if x.ndim == 3 else x
 
 
