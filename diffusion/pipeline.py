@@ -112,10 +112,12 @@ class Pipeline:
     @torch.no_grad()
     def generate_tensor(self, prompt: str | None = None, class_label: int | str | None = None,
                         scheduler: str = "ddim", steps: int | None = None, guidance: float | None = None,
-                        seed: int | None = None, num_images: int = 1, clip: str = "none",
+                        seed: int | None = None, num_images: int = 1, clip: str | None = None,
                         percentile: float = 0.995, spacing: str | None = None, **options) -> torch.Tensor:
-        """Images [N, C, H, W] in model space (about [-1, 1]), unclipped."""
+        """Images [N, C, H, W] in model space (about [-1, 1]), unclipped. Left out, ``steps``,
+        ``guidance`` and ``clip`` take the model's defaults."""
         steps = steps or self.cfg.default_steps
+        clip = clip or self.cfg.default_clip
         guidance = self.cfg.default_guidance if guidance is None else guidance
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
         cond = self.cond_vector(self.resolve(prompt, class_label))

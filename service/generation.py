@@ -68,7 +68,8 @@ def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings) -
     return GenerationSpec(
         model=name, condition=condition, scheduler=req.scheduler, steps=steps,
         guidance=float(req.guidance if req.guidance is not None else cfg.default_guidance),
-        seeds=tuple(seed + k for k in range(req.num_images)), eta=float(req.eta or 0.0), clip=req.clip,
+        seeds=tuple(seed + k for k in range(req.num_images)), eta=float(req.eta or 0.0),
+        clip=req.clip or cfg.default_clip,
         percentile=float(req.percentile), spacing=req.spacing)
 
 
@@ -79,4 +80,4 @@ def describe(name: str, pipe: Pipeline, default: bool) -> ModelInfo:
         name=name, default=default, conditioning=cfg.conditioning, class_names=list(cfg.class_names),
         image_shape=list(cfg.image_shape), schedule=cfg.schedule, num_timesteps=cfg.num_timesteps,
         prediction=cfg.prediction, default_steps=cfg.default_steps, default_guidance=cfg.default_guidance,
-        max_prompt_tokens=enc.context_length - 2 if enc is not None else None, schedulers=list(SAMPLERS))
+        default_clip=cfg.default_clip, max_prompt_tokens=enc.context_length - 2 if enc is not None else None, schedulers=list(SAMPLERS))

@@ -38,8 +38,8 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, strict=True, ge=0, le=MAX_SEED, description="Image k uses seed + k; "
                              "default: random. The seeds used are always returned.")
     num_images: int = Field(1, strict=True, ge=1, description="Images for this request (1 … the service's limit).")
-    clip: Literal[CLIP_MODES] = Field("none", description="x̂0 thresholding at every step: none, "  # type: ignore[valid-type]
-                                      "static ([-1, 1]) or dynamic (Imagen).")
+    clip: Literal[CLIP_MODES] | None = Field(None, description="x̂0 thresholding at every step: none, "  # type: ignore[valid-type]
+                                             "static ([-1, 1]) or dynamic (Imagen); default: the model's.")
     percentile: float = Field(0.995, strict=True, gt=0, le=1, allow_inf_nan=False,
                               description="Dynamic thresholding percentile.")
     spacing: Literal[SPACINGS] | None = Field(None, description="Timestep spacing; default: the "  # type: ignore[valid-type]
@@ -74,6 +74,7 @@ class ModelInfo(BaseModel):
     prediction: str
     default_steps: int
     default_guidance: float
+    default_clip: str
     max_prompt_tokens: int | None = Field(description="Text models: the longest prompt, in tokens.")
     schedulers: list[str]
 

@@ -55,6 +55,7 @@ class TrainConfig:
     sample_every: int = 1000  # 0 disables sample grids
     save_every: int = 1000
     default_guidance: float = 2.0
+    default_clip: str = "static"  # DDPM's own sampler clips x̂0 to [-1, 1]; requests may override
     default_steps: int = 50
 
     def checkpoint_name(self) -> str:

@@ -61,7 +61,8 @@ def build_model_config(cfg: TrainConfig, image_shape: tuple[int, int, int], clas
     mc = model_config(cfg.model, image_shape, num_classes=len(class_names) if use_class else 0,
                       class_names=class_names, text=text, schedule=cfg.schedule,
                       num_timesteps=cfg.num_timesteps, prediction=cfg.prediction,
-                      default_steps=cfg.default_steps, default_guidance=cfg.default_guidance)
+                      default_steps=cfg.default_steps, default_guidance=cfg.default_guidance,
+                      default_clip=cfg.default_clip)
     if cfg.dropout is not None:
         import dataclasses
 

@@ -34,6 +34,7 @@ class ModelConfig:
     prediction: str = "epsilon"
     default_steps: int = 50
     default_guidance: float = 2.0
+    default_clip: str = "none"  # x̂0 thresholding a request gets when it names none
 
     @property
     def conditioning(self) -> str:
@@ -54,6 +55,8 @@ class ModelConfig:
             raise ValueError(f"unknown prediction type {self.prediction!r}")
         if not 1 <= self.default_steps <= self.num_timesteps:
             raise ValueError(f"default_steps must be in [1, {self.num_timesteps}]")
+        if self.default_clip not in ("none", "static", "dynamic"):
+            raise ValueError(f"default_clip must be none, static or dynamic, got {self.default_clip!r}")
         if self.text is not None:
             self.text.validate()
 

@@ -100,3 +100,19 @@ def test_pipeline_generate_images(tmp_path, text_model):
     assert list(again[0].getdata()) == list(imgs[0].getdata())
     # a text model takes a class label as its class name
     assert pipe.resolve(class_label=9).prompt == "nine" and pipe.resolve(class_label="Nine").prompt == "nine"
+
+
+def test_model_default_clip_is_used_and_round_trips(tmp_path):
+    import dataclasses
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(model_config("tiny", (1, 8, 8), num_classes=2, class_names=("a", "b")), default_clip="static")
+    model = DiffusionModel(cfg)
+    with torch.no_grad():
+        for p in model.unet.parameters():  # a wild network: unclipped samples leave [-1, 1]
+            p.add_(0.3 * torch.randn_like(p))
+    pipe = load(str(save(model, tmp_path / "c.safetensors")), device="cpu")
+    assert pipe.cfg.default_clip == "static"
+    clipped = pipe.generate_tensor(class_label=0, steps=5, seed=0, num_images=4)
+    free = pipe.generate_tensor(class_label=0, steps=5, seed=0, num_images=4, clip="none")
+    assert clipped.abs().max().item() <= 1 + 1e-5 < free.abs().max().item()
