@@ -192,6 +192,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         new_log = not (resume and (out / "loss.csv").exists())
+        if not new_log:  # rows past the resumed step belong to the abandoned tail of the earlier run
+            _truncate_log(out / "loss.csv", start)
         log_file = open(out / "loss.csv", "w" if new_log else "a", newline="")
         writer = csv.writer(log_file)
         if new_log:
@@ -278,6 +280,14 @@ def write_sample_grid(ema: DiffusionModel, path: Path, seed: int = 0, per_row: i
         kw = {"class_label": i} if ema.cfg.num_classes else ({"prompt": name} if ema.cfg.text else {})
         rows.append(pipe.generate_tensor(num_images=per_row, steps=steps, seed=seed + 1000 * i, **kw))
     save_grid(torch.cat(rows), path, nrow=per_row)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
 
 
 def _progress(start: int, total: int, enabled: bool):

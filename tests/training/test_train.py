@@ -53,6 +53,8 @@ def test_resume_reproduces_the_uninterrupted_run(mnist_dir, tmp_path):
     train(full, progress=False)
     part = _cfg(mnist_dir, tmp_path / "part", max_steps=8, batch_size=8, conditioning="text")
     train(part, progress=False)
+    with open(tmp_path / "part" / "loss.csv", "a") as f:  # a crashed run's tail past the saved state
+        f.write("9,123.0,1e-3,1.0\n")
     resumed = _cfg(mnist_dir, tmp_path / "part", max_steps=16, batch_size=8, conditioning="text")
     train(resumed, resume=True, progress=False)
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
