@@ -1,7 +1,7 @@
 """Sample quality and sampling cost of one checkpoint for one scheduler, step count and guidance rate.
 
     python -m training.evaluate --checkpoint runs/mnist-class-small-linear/mnist-class-small-linear.safetensors \\
-        --data-dir ../shared/data/mnist-10k --scheduler ddim --steps 50 --guidance 2 --num-samples 2000 \\
+        --data-dir /path/to/mnist-idx --scheduler ddim --steps 50 --guidance 2 --num-samples 2000 \\
         [--classifier checkpoints/classifiers/mnist.safetensors] [--inception-weights PATH | --inception] \\
         [--json out.json] [--grid out.png]
 

@@ -1,7 +1,7 @@
 """The study grid: checkpoints (one per β-schedule) × schedulers × steps × guidance rates → results.
 
     python -m training.study --checkpoints LINEAR.safetensors COSINE.safetensors \\
-        --data-dir ../shared/data/mnist-10k --out docs/study/mnist [--reduced] [--full] [--dry-run]
+        --data-dir /path/to/mnist-idx --out docs/study/mnist [--reduced] [--full] [--dry-run]
 
 Which cells run (each over every checkpoint):
   - the steps sweep: every scheduler × every ``--steps`` (plus ``--long-steps`` for the
