@@ -73,7 +73,7 @@ def sample(eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sche
            clip: str = "none", percentile: float = 0.995, **options) -> torch.Tensor:
     """Sample ``shape`` = [B, ...] with any ε-model ``eps_model(x, t) -> ε`` (t: long [B] in [0, T-1]).
 
-    ``spacing`` defaults to the sampler's own (trailing; leading for pndm; karras for heun).
+    ``spacing`` defaults to the sampler's own (trailing, from σ = 80 for pndm; karras for heun).
     Row b uses seed ``seed + b`` (or ``seed[b]`` for a list) for its own generator. ``options`` go
     to the sampler: ``eta`` (ddim), ``variance`` (ddpm: "beta_tilde" | "beta"), ``alpha`` (heun).
     ``clip`` ("none" | "static" | "dynamic") thresholds x̂0 at every step. The result is the final

@@ -43,7 +43,7 @@ class GenerateRequest(BaseModel):
     percentile: float = Field(0.995, strict=True, gt=0, le=1, allow_inf_nan=False,
                               description="Dynamic thresholding percentile.")
     spacing: Literal[SPACINGS] | None = Field(None, description="Timestep spacing; default: the "  # type: ignore[valid-type]
-                                               "sampler's own (trailing; leading for pndm; karras for heun).")
+                                               "sampler's own (trailing, from σ = 80 for pndm; karras for heun).")
 
 
 class Timings(BaseModel):
