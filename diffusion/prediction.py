@@ -32,8 +32,9 @@ def training_target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, alpha_
 
 
 def eps_to_x0(eps: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    """x̂0 from ε; the coefficients are computed in ᾱ's precision (float64 from the schedule), then cast."""
+    return (x_t - (1 - alpha_bar).sqrt().to(x_t.dtype) * eps) / alpha_bar.sqrt().to(x_t.dtype)
 
 
 def x0_to_eps(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+    return (x_t - alpha_bar.sqrt().to(x_t.dtype) * x0) / (1 - alpha_bar).sqrt().to(x_t.dtype)

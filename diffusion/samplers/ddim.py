@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from diffusion.samplers.base import RowState, Sampler, alpha_bar, current_t, row_noise
+from diffusion.prediction import eps_to_x0
 from diffusion.schedules import Schedule
 
 
@@ -27,7 +28,7 @@ class DDIMState(RowState):
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, ab_t: torch.Tensor, ab_prev: torch.Tensor,
               eta: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """One DDIM update in float64 coefficients; shared by PNDM as its transfer function φ."""
-    x0 = (x - (1 - ab_t).sqrt().to(x.dtype) * eps) / ab_t.sqrt().to(x.dtype)
+    x0 = eps_to_x0(eps, x, ab_t)
     if eta is None:
         sigma = torch.zeros_like(ab_t)
     else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from diffusion.samplers.base import RowState, Sampler, alpha_bar, current_t, row_noise
+from diffusion.prediction import eps_to_x0
 from diffusion.schedules import Schedule
 
 VARIANCES = ("beta_tilde", "beta")
@@ -41,7 +42,7 @@ class DDPM(Sampler):
         t, t_prev = current_t(state), current_t(state, 1)
         ab_t, ab_prev = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_prev, nd)
         beta = 1 - ab_t / ab_prev
-        x0 = (x - (1 - ab_t).sqrt().to(x.dtype) * eps) / ab_t.sqrt().to(x.dtype)
+        x0 = eps_to_x0(eps, x, ab_t)
         c0 = (ab_prev.sqrt() * beta / (1 - ab_t)).to(x.dtype)
         ct = ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t)).to(x.dtype)
         var = torch.where(state.large_var.reshape(beta.shape), beta, (1 - ab_prev) / (1 - ab_t) * beta)

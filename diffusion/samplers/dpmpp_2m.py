@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from diffusion.samplers.base import RowState, Sampler, alpha_bar, current_t
+from diffusion.prediction import eps_to_x0
 from diffusion.schedules import Schedule
 
 
@@ -41,7 +42,7 @@ class DPMSolverPP2M(Sampler):
         nd, x = state.x.ndim, state.x
         t, t_next, t_last = current_t(state), current_t(state, 1), current_t(state, -1)
         ab_t, ab_next = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_next, nd)
-        x0 = (x - (1 - ab_t).sqrt().to(x.dtype) * eps) / ab_t.sqrt().to(x.dtype)
+        x0 = eps_to_x0(eps, x, ab_t)
         final = (t_next < 0).reshape(ab_t.shape)
         safe_next = torch.where(final, ab_t, ab_next)  # keep λ finite on the final step
         h = _lambda(safe_next) - _lambda(ab_t)

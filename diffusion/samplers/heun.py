@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from diffusion.samplers.base import RowState, Sampler, alpha_bar, current_t
-from diffusion.schedules import Schedule, sigma_to_t
+from diffusion.schedules import Schedule, gather_sigma, sigma_to_t
 
 
 @dataclass
@@ -29,10 +29,6 @@ class HeunState(RowState):
     x_tilde: torch.Tensor = None  # [B, C, H, W] x̃' where the corrector evaluates
     d: torch.Tensor = None  # [B, C, H, W] d_i saved for the corrector
     t_mid: torch.Tensor = None  # [B] long: the corrector's timestep t'
-
-
-def _sigma(ab: torch.Tensor) -> torch.Tensor:
-    return ((1 - ab) / ab).sqrt()
 
 
 class Heun(Sampler):
@@ -55,8 +51,8 @@ class Heun(Sampler):
 
     def _corrector_t(self, schedule: Schedule, state: HeunState) -> torch.Tensor:
         t, t_next = current_t(state), current_t(state, 1)
-        s_t = _sigma(alpha_bar(schedule, t, 1)).flatten()
-        s_next = _sigma(alpha_bar(schedule, t_next, 1)).flatten()
+        s_t = gather_sigma(schedule, t, 1).flatten()
+        s_next = gather_sigma(schedule, t_next, 1).flatten()
         snapped = sigma_to_t(schedule, s_t + state.alpha * (s_next - s_t))
         snapped = torch.minimum(snapped, t - 1)
         snapped = torch.maximum(snapped, t_next)
@@ -72,7 +68,7 @@ class Heun(Sampler):
         nd, x = state.x.ndim, state.x
         t, t_next = current_t(state), current_t(state, 1)
         ab_t, ab_next = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_next, nd)
-        s_t, s_next = _sigma(ab_t), _sigma(ab_next)
+        s_t, s_next = gather_sigma(schedule, t, nd), gather_sigma(schedule, t_next, nd)
         h = (s_next - s_t).to(x.dtype)
         live, pred = t >= 0, state.stage == 0
         last = t_next < 0
@@ -80,12 +76,12 @@ class Heun(Sampler):
         # Predictor (stage 0): d_i = ε; Euler to σ' (or to σ = 0 on the last step).
         x_tilde = x / ab_t.sqrt().to(x.dtype)
         t_mid = self._corrector_t(schedule, state)
-        s_mid = _sigma(alpha_bar(schedule, t_mid, nd))
+        s_mid = gather_sigma(schedule, t_mid, nd)
         x_euler_end = x_tilde + h * eps  # last step: x̃ at σ = 0 is the sample itself
         x_tilde_mid = x_tilde + (s_mid - s_t).to(x.dtype) * eps
 
         # Corrector (stage 1; x still holds x_i): combine d_i (saved) and d' = ε at (x̃', t').
-        s_used = _sigma(alpha_bar(schedule, state.t_mid, nd))
+        s_used = gather_sigma(schedule, state.t_mid, nd)
         a_hat = ((s_used - s_t) / (s_next - s_t)).to(x.dtype)
         x_tilde_next = x_tilde + h * ((1 - 1 / (2 * a_hat)) * state.d + (1 / (2 * a_hat)) * eps)
         x_next = x_tilde_next * ab_next.sqrt().to(x.dtype)
