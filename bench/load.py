@@ -105,14 +105,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(checkpoint_dir: Path, device: str, max_rows: int) -> tuple[subprocess.Popen, str]:
+def start_service(checkpoint_dir: Path, device: str, max_rows: int,
+                  compile: str = "off") -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
                              "--checkpoint-dir", str(checkpoint_dir), "--device", device,
-                             "--max-batch-rows", str(max_rows), "--log-level", "warning"],
+                             "--max-batch-rows", str(max_rows), "--compile", compile, "--log-level", "warning"],
                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(2400):  # compiling every bucket can take minutes
         if proc.poll() is not None:
             raise SystemExit(f"the service exited with {proc.returncode}")
         try:
@@ -149,6 +150,9 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--steps", default="10,20,30", help="step counts to draw from")
     ap.add_argument("--max-batch-rows", type=int, default=64)
+    ap.add_argument("--compile", default="off",
+                    help="comma-separated service --compile modes, each measured with the concurrent clients "
+                         "(e.g. off,reduce-overhead on a GPU); ignored with --url")
     ap.add_argument("--skip-sequential", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -158,26 +162,27 @@ def main(argv=None) -> None:
     if args.synthetic:
         ckdir = Path(tmp.name)
         synthetic_checkpoint(args.synthetic, ckdir)
-    proc = None
-    url = args.url
-    if url is None:
-        proc, url = start_service(ckdir, args.device, args.max_batch_rows)
-    try:
-        info = httpx.get(f"{url}/models", timeout=10).json()
-        model = args.model or info["default"]
-        meta = next(m for m in info["models"] if m["name"] == model)
-        requests = make_requests(args.requests, [int(s) for s in args.steps.split(",")], meta["class_names"])
-        total_nfe = sum(nfe(r) for r in requests)
-        results = []
-        lat, wall = asyncio.run(drive(url, requests, args.clients, model))
-        results.append(summary(f"service, {args.clients} concurrent clients", lat, wall, len(requests), total_nfe))
-        if not args.skip_sequential:
-            lat, wall = asyncio.run(drive(url, requests, 1, model))
-            results.append(summary("service, one request at a time", lat, wall, len(requests), total_nfe))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait()
+    modes = [None] if args.url else [m.strip() for m in args.compile.split(",") if m.strip()]
+    results = []
+    for i, mode in enumerate(modes):
+        proc, url = (None, args.url) if mode is None else start_service(ckdir, args.device, args.max_batch_rows, mode)
+        label = "" if mode in (None, "off") else f", compile={mode}"
+        try:
+            info = httpx.get(f"{url}/models", timeout=10).json()
+            model = args.model or info["default"]
+            meta = next(m for m in info["models"] if m["name"] == model)
+            requests = make_requests(args.requests, [int(s) for s in args.steps.split(",")], meta["class_names"])
+            total_nfe = sum(nfe(r) for r in requests)
+            lat, wall = asyncio.run(drive(url, requests, args.clients, model))
+            results.append(summary(f"service, {args.clients} concurrent clients{label}", lat, wall, len(requests),
+                                   total_nfe))
+            if i == 0 and not args.skip_sequential:
+                lat, wall = asyncio.run(drive(url, requests, 1, model))
+                results.append(summary(f"service, one request at a time{label}", lat, wall, len(requests), total_nfe))
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait()
     checkpoint = next(p for p in sorted(ckdir.glob("*.safetensors")) if p.stem == model)
     lat, wall, evaluations = diffusers_loop(checkpoint, requests, args.device)
     results.append(summary("diffusers DDIMScheduler loop (same weights)", lat, wall, len(requests), evaluations))

@@ -13,11 +13,13 @@ class label (an index or a class name) and uses the class name as its prompt.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from diffusion.checkpoint import load_model
+from diffusion.compiled import BucketedNet
 from diffusion.imaging import to_pil
 from diffusion.models.model import DiffusionModel
 from diffusion.samplers import get_sampler
@@ -50,6 +52,7 @@ class Pipeline:
         self.provenance = provenance or {}
         self.schedule = make_schedule(self.cfg.schedule, self.cfg.num_timesteps).to(self.device)
         self.autocast = (bf16 if bf16 is not None else self.device.type == "cuda")
+        self._bucketed: BucketedNet | None = None
         with torch.no_grad():
             self.null_cond = model.null_condition()
 
@@ -105,8 +108,23 @@ class Pipeline:
 
     # --- the network --------------------------------------------------------------------------
     def net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if self._bucketed is not None:
+            return self._bucketed(x, t, cond)
+        return self._eager_net(x, t, cond)
+
+    def _eager_net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self.model(x, t, cond).float()
+
+    def compile(self, buckets: Sequence[int], mode: str = "default", backend: str = "inductor") -> None:
+        """Run the network through ``torch.compile`` at the given padded batch sizes
+        (:class:`diffusion.compiled.BucketedNet`); every bucket is compiled here, before use."""
+        bucketed = BucketedNet(self._eager_net, buckets, mode, backend)
+        x = torch.zeros(1, *self.cfg.image_shape, device=self.device)
+        t = torch.zeros(1, dtype=torch.long, device=self.device)
+        cond = None if self.null_cond is None else self.null_cond[:1]
+        bucketed.warm_up(x, t, cond)
+        self._bucketed = bucketed
 
     # --- generation ---------------------------------------------------------------------------
     @torch.no_grad()

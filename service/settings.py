@@ -14,6 +14,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from diffusion.compiled import COMPILE_MODES, power_of_two_buckets
+
 
 def _split(value):
     """Lists come from the environment or the command line as comma-separated strings."""
@@ -33,6 +35,13 @@ class Settings(BaseSettings):
                                       "(default: mnist-text-compact if present, else the first by name)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
 
+    compile: str = Field("off", description="torch.compile the network per bucketed batch size: off | default | "
+                         "reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs; "
+                         "buckets are compiled at start-up, before /readyz turns ready")
+    compile_buckets: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, description="comma-separated padded batch sizes for --compile "
+        "(default: powers of two up to 2 x max_batch_rows, as guided rows run twice)")
+
     # --- limits --------------------------------------------------------------------------------
     max_batch_rows: int = Field(64, ge=1, le=4096, description="images denoised together per forward pass, per model")
     max_queue: int = Field(256, ge=1, description="requests waiting for rows; more get 429")
@@ -50,7 +59,7 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(False, description="include prompts in the request log lines")
     log_level: str = Field("info", description="debug | info | warning | error")
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "compile_buckets", mode="before")
     @classmethod
     def _lists(cls, value):
         return _split(value)
@@ -70,6 +79,21 @@ class Settings(BaseSettings):
             return v
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
 
+    @field_validator("compile")
+    @classmethod
+    def _compile(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v != "off" and v not in COMPILE_MODES:
+            raise ValueError(f"compile must be off or one of {', '.join(COMPILE_MODES)}, got {value!r}")
+        return v
+
+    @field_validator("compile_buckets")
+    @classmethod
+    def _buckets(cls, sizes: list[int]) -> list[int]:
+        if any(s < 1 for s in sizes):
+            raise ValueError(f"compile bucket sizes must be >= 1, got {sizes}")
+        return sorted(set(sizes))
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -84,6 +108,10 @@ class Settings(BaseSettings):
             raise ValueError(f"max_images ({self.max_images}) cannot exceed max_batch_rows ({self.max_batch_rows}): "
                              "a request's images are admitted together")
         return self
+
+    def buckets(self) -> list[int]:
+        """The batch sizes compiled when ``compile`` is on."""
+        return self.compile_buckets or list(power_of_two_buckets(2 * self.max_batch_rows))
 
     def key_values(self) -> list[bytes]:
         return [k.get_secret_value().encode() for k in self.api_keys]

@@ -27,7 +27,8 @@ log = logging.getLogger("service")
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     device = resolve_device(settings.device)
-    registry = await asyncio.to_thread(ModelRegistry.load, settings.checkpoint_dir, device, settings.default_model)
+    registry = await asyncio.to_thread(ModelRegistry.load, settings.checkpoint_dir, device, settings.default_model,
+                                        settings.compile, settings.buckets())
     metrics: Metrics = app.state.metrics
     engine = Engine(registry.pipelines, max_rows=settings.max_batch_rows, max_queue=settings.max_queue,
                     observer=metrics)
