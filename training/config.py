@@ -38,6 +38,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-4
     lr_schedule: str = "constant"  # constant | cosine (after warm-up)
+    text_lr_scale: float = 1.0  # the text path (tower + projection) learns at lr × this
     warmup_steps: int = 500
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -74,6 +75,7 @@ class TrainConfig:
             (self.text_encoder != "open_clip" or bool(self.text_arch), "--text-encoder open_clip needs --text-arch"),
             (self.lr_schedule in ("constant", "cosine"), f"unknown lr schedule {self.lr_schedule!r}"),
             (0.0 <= self.p_uncond < 1.0, "p_uncond must be in [0, 1)"),
+            (self.text_lr_scale > 0, "text_lr_scale must be > 0"),
             (self.max_steps >= 1 and self.batch_size >= 1, "max_steps and batch_size must be >= 1"),
             (0.0 < self.ema_decay < 1.0, "ema_decay must be in (0, 1)"),
             (self.lr > 0, "lr must be > 0"),

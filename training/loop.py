@@ -123,6 +123,23 @@ def batches(ds: Dataset, cfg: TrainConfig, start: int, dist: Dist):
     yield from loader
 
 
+def param_groups(model: DiffusionModel, cfg: TrainConfig) -> tuple[list[dict], list[float]]:
+    """The optimizer's groups and their lr multipliers: everything else, then the text path (tower and
+    projection, last in parameter order) at ``text_lr_scale``. The groups keep the parameter order, so
+    a one-group training state still maps onto them (:func:`training.state.load_state`)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if model.text_encoder is None:
+        return [{"params": trainable}], [1.0]
+    text = {id(p) for m in (model.text_encoder, model.text_proj) for p in m.parameters()}
+    split = next(i for i, p in enumerate(trainable) if id(p) in text) if any(id(p) in text for p in trainable) \
+        else len(trainable)
+    if any(id(p) not in text for p in trainable[split:]):
+        raise RuntimeError("the text path's parameters must come last in the model's parameter order")
+    if split == len(trainable):  # a frozen encoder with no projection: nothing to scale
+        return [{"params": trainable}], [1.0]
+    return [{"params": trainable[:split]}, {"params": trainable[split:]}], [1.0, cfg.text_lr_scale]
+
+
 def check_resume_compatible(saved: dict, cfg: TrainConfig) -> None:
     diffs = [f"{k}: checkpoint has {saved.get(k)!r}, now {getattr(cfg, k)!r}"
              for k in ARCHITECTURE_FIELDS if saved.get(k) != getattr(cfg, k)]
@@ -170,8 +187,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     torch.manual_seed(cfg.seed + dist.rank)
     model = DiffusionModel(build_model_config(cfg, spec.image_shape, class_names)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups, lr_scales = param_groups(model, cfg)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume:
         if not state_path.is_file():
@@ -208,8 +225,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     for step, (x0, labels) in enumerate(batches(ds, cfg, start, dist), start=start):
         model.train()
         x0 = x0.to(device, non_blocking=True)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+        for group, scale in zip(opt.param_groups, lr_scales):
+            group["lr"] = lr_at(cfg, step) * scale
         # Algorithm 1: t ~ Uniform({1..T}) (our index 0..T-1), ε ~ N(0, I), regress on the target.
         t = torch.randint(0, cfg.num_timesteps, (x0.shape[0],), device=device)
         eps = torch.randn_like(x0)
@@ -222,7 +239,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
         opt.step()
         n = step + 1
         decay = min(cfg.ema_decay, (1 + n) / (10 + n)) if cfg.ema_warmup else cfg.ema_decay

@@ -65,7 +65,12 @@ def load_state(meta: dict, tensors: dict[str, torch.Tensor], *, model: torch.nn.
     for k, v in part("optim.").items():
         idx, key = k.split(".", 1)
         state.setdefault(int(idx), {})[key] = v
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    saved = json.loads(meta["param_groups"])
+    if len(saved) == 1 and len(optimizer.param_groups) > 1:  # a state from before the text group: split it
+        ids, saved = saved[0]["params"], [dict(saved[0], params=[]) for _ in optimizer.param_groups]
+        for g, group in zip(saved, optimizer.param_groups):
+            g["params"], ids = ids[:len(group["params"])], ids[len(group["params"]):]
+    optimizer.load_state_dict({"state": state, "param_groups": saved})
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])

@@ -1,5 +1,6 @@
 """The training loop on real MNIST digits from ../shared/data (tiny model, CPU)."""
 
+import copy
 import csv
 import os
 import subprocess
@@ -122,3 +123,33 @@ def test_torchrun_two_processes_gloo(mnist_dir, tmp_path):
     assert written == ["mnist-class-tiny-linear.safetensors", "mnist-class-tiny-linear.state.safetensors"]
     assert r.stdout.count("checkpoint:") == 1  # rank 0 alone reports and writes
     assert diffusion.read_checkpoint(tmp_path / written[0])[1]["training_steps"] == 6
+
+
+def test_text_path_gets_its_own_lr_group(tmp_path):
+    from training.loop import build_model_config, param_groups
+    from training.state import load_state, read_state, save_state
+
+    digits = tuple(str(i) for i in range(10))
+    cfg = TrainConfig(**dict(PRESETS["smoke"], conditioning="text", text_lr_scale=5.0))
+    model = diffusion.DiffusionModel(build_model_config(cfg, (1, 28, 28), digits))
+    groups, scales = param_groups(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    flat = [p for g in groups for p in g["params"]]
+    assert scales == [1.0, 5.0] and [id(p) for p in flat] == [id(p) for p in trainable]  # same order
+    text = {id(p) for m in (model.text_encoder, model.text_proj) for p in m.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == text
+    class_model = diffusion.DiffusionModel(build_model_config(TrainConfig(**PRESETS["smoke"]), (1, 28, 28), digits))
+    assert param_groups(class_model, cfg)[1] == [1.0]
+
+    # a training state written with one group (before the text group existed) resumes onto two
+    old = torch.optim.AdamW(trainable, lr=1e-3)
+    for p in trainable:
+        p.grad = torch.randn_like(p)
+    old.step()
+    ema = copy.deepcopy(model)
+    save_state(tmp_path / "s.safetensors", model=model, ema=ema, optimizer=old, step=1, config={})
+    new = torch.optim.AdamW(groups, lr=1e-3)
+    meta, tensors = read_state(tmp_path / "s.safetensors")
+    load_state(meta, tensors, model=model, ema=ema, optimizer=new)
+    for p in trainable:
+        torch.testing.assert_close(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
