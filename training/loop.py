@@ -124,20 +124,24 @@ def batches(ds: Dataset, cfg: TrainConfig, start: int, dist: Dist):
 
 
 def param_groups(model: DiffusionModel, cfg: TrainConfig) -> tuple[list[dict], list[float]]:
-    """The optimizer's groups and their lr multipliers: everything else, then the text path (tower and
-    projection, last in parameter order) at ``text_lr_scale``. The groups keep the parameter order, so
-    a one-group training state still maps onto them (:func:`training.state.load_state`)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if model.text_encoder is None:
-        return [{"params": trainable}], [1.0]
-    text = {id(p) for m in (model.text_encoder, model.text_proj) for p in m.parameters()}
-    split = next(i for i, p in enumerate(trainable) if id(p) in text) if any(id(p) in text for p in trainable) \
-        else len(trainable)
-    if any(id(p) not in text for p in trainable[split:]):
-        raise RuntimeError("the text path's parameters must come last in the model's parameter order")
-    if split == len(trainable):  # a frozen encoder with no projection: nothing to scale
-        return [{"params": trainable}], [1.0]
-    return [{"params": trainable[:split]}, {"params": trainable[split:]}], [1.0, cfg.text_lr_scale]
+    """The optimizer's groups and their lr multipliers: the text path (tower and projection) learns at
+    lr × ``text_lr_scale``, everything else at lr. Groups are contiguous runs of the model's parameter
+    order, so a training state saved with other groups still maps onto them
+    (:func:`training.state.load_state`)."""
+    text: set[int] = set()
+    if model.text_encoder is not None:
+        text = {id(p) for m in (model.text_encoder, model.text_proj) for p in m.parameters()}
+    groups: list[dict] = []
+    scales: list[float] = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        scale = cfg.text_lr_scale if id(p) in text else 1.0
+        if not scales or scales[-1] != scale:
+            groups.append({"params": []})
+            scales.append(scale)
+        groups[-1]["params"].append(p)
+    return groups, scales
 
 
 def check_resume_compatible(saved: dict, cfg: TrainConfig) -> None:

@@ -66,10 +66,15 @@ def load_state(meta: dict, tensors: dict[str, torch.Tensor], *, model: torch.nn.
         idx, key = k.split(".", 1)
         state.setdefault(int(idx), {})[key] = v
     saved = json.loads(meta["param_groups"])
-    if len(saved) == 1 and len(optimizer.param_groups) > 1:  # a state from before the text group: split it
-        ids, saved = saved[0]["params"], [dict(saved[0], params=[]) for _ in optimizer.param_groups]
-        for g, group in zip(saved, optimizer.param_groups):
-            g["params"], ids = ids[:len(group["params"])], ids[len(group["params"]):]
+    if [len(g["params"]) for g in saved] != [len(g["params"]) for g in optimizer.param_groups]:
+        # saved with other lr groups (other lr scales, or from before the groups existed): the groups are
+        # contiguous runs of the same parameter order, so regroup the saved ids like the current ones
+        ids = [i for g in saved for i in g["params"]]
+        regrouped = []
+        for group in optimizer.param_groups:
+            regrouped.append(dict(saved[0], params=ids[:len(group["params"])]))
+            ids = ids[len(group["params"]):]
+        saved = regrouped
     optimizer.load_state_dict({"state": state, "param_groups": saved})
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():

@@ -153,3 +153,12 @@ def test_text_path_gets_its_own_lr_group(tmp_path):
     load_state(meta, tensors, model=model, ema=ema, optimizer=new)
     for p in trainable:
         torch.testing.assert_close(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
+    # ... and that two-group state resumes onto one group again (text_lr_scale back at 1)
+    save_state(tmp_path / "s2.safetensors", model=model, ema=ema, optimizer=new, step=2, config={})
+    one_groups, one_scales = param_groups(model, TrainConfig(**dict(PRESETS["smoke"], conditioning="text")))
+    assert one_scales == [1.0]
+    one = torch.optim.AdamW(one_groups, lr=1e-3)
+    meta, tensors = read_state(tmp_path / "s2.safetensors")
+    load_state(meta, tensors, model=model, ema=ema, optimizer=one)
+    for p in trainable:
+        torch.testing.assert_close(one.state[p]["exp_avg_sq"], old.state[p]["exp_avg_sq"])
