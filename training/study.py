@@ -74,6 +74,7 @@ class Grid:
     full: bool = False
     num_samples: int = 5000
     num_real: int | None = None  # None: the whole test split
+    clip: str = "none"  # x̂0 clipping for every cell: none | static | dynamic
 
     def steps_for(self, scheduler: str) -> tuple[int, ...]:
         return self.steps + (self.long_steps if scheduler in self.long_schedulers else ())
@@ -183,7 +184,8 @@ def markdown(meta: dict, entries: list[dict], grid: Grid) -> str:
               f"- real vs real ({meta.get('floor_n', '?')} train vs test images): "
               + ", ".join(f"{label} {pattern.format(floor[key])}" for key, label, pattern in cols if key in floor),
               f"- anchor cell: {grid.anchor_scheduler}, {grid.anchor_steps} steps, guidance {grid.anchor_guidance:g}; "
-              "± is the standard deviation over seeds", ""]
+              "± is the standard deviation over seeds",
+              f"- x̂0 clipping in every cell: {meta.get('grid', {}).get('clip', grid.clip)}", ""]
     head = ["β-schedule", "scheduler", "steps", "NFE", "guidance", "seeds"] + [c[1] for c in cols]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for e in entries:
@@ -391,13 +393,16 @@ class Study:
         done = {row_key(r) for r in read_rows(csv_path)}
         todo = [c for c in self.plan() if c.key() not in done]
         g = self.grid
+        meta_path = self.out / "study.json"
+        old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if done and old.get("grid", {}).get("clip", "none") != g.clip:
+            raise ValueError(f"{csv_path} holds cells sampled with clip={old.get('grid', {}).get('clip', 'none')}; "
+                             f"write a grid with clip={g.clip} to another --out")
         meta = self._meta(dataset, pipes, clf_path, clf, inception, device)
         if todo:
             real = real_test_images(dataset, self.data_dir, g.num_real)
             reference = Reference.build(real, clf, inception)
             meta["n_real"] = len(real)
-            meta_path = self.out / "study.json"
-            old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
             if old.get("floor_n") == g.num_samples and old.get("dataset") == dataset and "floor" in old:
                 meta["floor"] = old["floor"]
             else:
@@ -407,7 +412,7 @@ class Study:
             for cell in tqdm(todo, desc="study cells", unit="cell", disable=not self.progress):
                 pipe = pipes[cell.checkpoint]
                 metrics, images, labels = evaluate_cell(pipe, reference, g.num_samples, cell.scheduler, cell.steps,
-                                                        cell.guidance, cell.seed, self.batch_size,
+                                                        cell.guidance, cell.seed, self.batch_size, g.clip,
                                                         progress=self.progress)
                 append_row(csv_path, {**asdict(cell), **metrics, "dataset": dataset,
                                       "beta_schedule": pipe.cfg.schedule, "model_size": pipe.cfg.size,
@@ -459,6 +464,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help=f"samples per cell (default {d.num_samples}; reduced "
                                                    f"{REDUCED['num_samples']})")
     p.add_argument("--num-real", type=int, help="test images in the reference (default: the whole split)")
+    p.add_argument("--clip", choices=("none", "static", "dynamic"),
+                   help="x̂0 clipping in every cell (default none: the samplers as published)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default=None)
     p.add_argument("--dry-run", action="store_true", help="print the cells and their cost, run nothing")
@@ -470,7 +477,7 @@ def _parser() -> argparse.ArgumentParser:
 def grid_from_args(a: argparse.Namespace) -> Grid:
     values = dict(REDUCED) if a.reduced else {}
     for name in ("schedulers", "steps", "long_steps", "long_schedulers", "guidance", "anchor_scheduler",
-                 "anchor_steps", "anchor_guidance", "seed", "repeat_seeds", "num_samples", "num_real"):
+                 "anchor_steps", "anchor_guidance", "seed", "repeat_seeds", "num_samples", "num_real", "clip"):
         v = getattr(a, name)
         if v is not None:
             values[name] = tuple(v) if isinstance(v, list) else v

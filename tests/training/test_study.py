@@ -108,3 +108,16 @@ def test_cli_dry_run_and_bad_grid(checkpoints, tmp_path, capsys):
     assert not (tmp_path / "results.csv").exists()
     assert main([*args, "--anchor-scheduler", "heun"]) == 2
     assert "anchor scheduler heun is not among" in capsys.readouterr().err
+
+
+def test_clip_setting_is_applied_recorded_and_not_mixed(checkpoints, mnist_dir, tmp_path, monkeypatch):
+    clips = []
+    real_cell = study_mod.evaluate_cell
+    monkeypatch.setattr(study_mod, "evaluate_cell", lambda *a, **k: clips.append(a[8]) or real_cell(*a, **k))
+    grid = dict(TINY, schedulers=("ddim",), steps=(2,), guidance=(2.0,), repeat_seeds=())
+    Study(checkpoints[:1], tmp_path, Grid(**grid, clip="static"), data_dir=str(mnist_dir), device="cpu",
+          progress=False).run()
+    assert clips == ["static"]
+    assert "x̂0 clipping in every cell: static" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="clip=static"):
+        Study(checkpoints[:1], tmp_path, Grid(**grid), data_dir=str(mnist_dir), device="cpu", progress=False).run()
