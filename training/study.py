@@ -431,10 +431,19 @@ class Study:
                                    "model_size": p.cfg.size, "parameters": diffusion.count_parameters(p.model),
                                    "training_steps": p.provenance.get("training_steps")}
                             for i, (name, p) in enumerate(pipes.items())},
-            "classifier": {"path": str(clf_path), "test_accuracy": clf.info.get("test_accuracy")},
+            "classifier": {"path": _display_path(clf_path), "test_accuracy": clf.info.get("test_accuracy")},
             "inception": inception is not None,
             "grid": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(g).items()},
         }
+
+
+def _display_path(path) -> str:
+    """A path as the results show it: relative to the working directory when it lies below it."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
