@@ -7,7 +7,7 @@
 #
 # It measures, side by side in one run on the same GPU, the service with 16 concurrent clients
 # eager and under each --compile mode, the same requests one at a time, and the diffusers
-# DDIMScheduler loop around the same weights; then the compiled path's per-row equality test on CUDA.
+# DDIMScheduler loop around the same weights.
 # Nothing here trains or writes checkpoints.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these record graphs after a few warm-up calls
 
 Net = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -76,6 +77,6 @@ class BucketedNet:
         The examples are one row each; they are repeated to each bucket size."""
         with torch.no_grad():
             for size in self.buckets:
-                for _ in range(3 if "reduce-overhead" in self.mode or self.mode == "max-autotune" else 1):
+                for _ in range(3 if self.mode in CUDA_GRAPH_MODES else 1):
                     self(_pad_rows(example_x, size), _pad_rows(example_t, size),
                          None if example_cond is None else _pad_rows(example_cond, size))

@@ -192,6 +192,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     model = DiffusionModel(build_model_config(cfg, spec.image_shape, class_names)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     groups, lr_scales = param_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume:
@@ -243,7 +244,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         n = step + 1
         decay = min(cfg.ema_decay, (1 + n) / (10 + n)) if cfg.ema_warmup else cfg.ema_decay
