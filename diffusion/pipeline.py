@@ -134,17 +134,32 @@ class Pipeline:
                         percentile: float = 0.995, spacing: str | None = None, **options) -> torch.Tensor:
         """Images [N, C, H, W] in model space (about [-1, 1]), unclipped. Left out, ``steps``,
         ``guidance`` and ``clip`` take the model's defaults."""
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+        cond = self.resolve(prompt, class_label)
+        return self.generate_rows([cond] * num_images, [seed + k for k in range(num_images)], scheduler, steps,
+                                  guidance, clip, percentile, spacing, **options)
+
+    @torch.no_grad()
+    def generate_rows(self, conditions: Sequence[Condition], seeds: Sequence[int], scheduler: str = "ddim",
+                      steps: int | None = None, guidance: float | None = None, clip: str | None = None,
+                      percentile: float = 0.995, spacing: str | None = None, **options) -> torch.Tensor:
+        """Images [N, C, H, W] for N rows, row i with its own resolved condition and seed, all rows in
+        the same forward passes. Row i is the image that ``generate_tensor`` gives for that condition
+        and seed alone."""
+        if len(conditions) != len(seeds) or not conditions:
+            raise ValueError(f"need one seed per condition, got {len(conditions)} conditions and {len(seeds)} seeds")
         steps = steps or self.cfg.default_steps
         clip = clip or self.cfg.default_clip
         guidance = self.cfg.default_guidance if guidance is None else guidance
-        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
-        cond = self.cond_vector(self.resolve(prompt, class_label))
-        seeds = [seed + k for k in range(num_images)]
-        gens = make_generators(seeds, self.device)
+        gens = make_generators(list(seeds), self.device)
         x_T = initial_noise(gens, tuple(self.cfg.image_shape), self.device)
-        conds = cond.unsqueeze(0).expand(num_images, -1) if cond is not None else None
-        state = get_sampler(scheduler).init(self.schedule, x_T, [steps] * num_images, gens, spacing, cond=conds,
-                                            guidance=guidance if cond is not None else 0.0, clip=clip,
+        vectors: dict[Condition, torch.Tensor | None] = {}
+        for c in dict.fromkeys(conditions):
+            vectors[c] = self.cond_vector(c)
+        conds = None if self.null_cond is None else torch.stack([vectors[c] for c in conditions])
+        n = len(conditions)
+        state = get_sampler(scheduler).init(self.schedule, x_T, [steps] * n, gens, spacing, cond=conds,
+                                            guidance=guidance if conds is not None else 0.0, clip=clip,
                                             percentile=percentile, **options)
         out = run_to_end({scheduler: state}, self.net, self.schedule, self.cfg.prediction, self.null_cond)
         return out[scheduler].x

@@ -35,6 +35,7 @@ class TrainConfig:
     context_length: int = 16
     p_uncond: float = 0.1
     max_steps: int = 10000
+    time_limit: float | None = None  # seconds of training after which the run stops and saves (None: no limit)
     batch_size: int = 128
     lr: float = 2e-4
     lr_schedule: str = "constant"  # constant | cosine (after warm-up)
@@ -81,6 +82,7 @@ class TrainConfig:
             (self.lr > 0, "lr must be > 0"),
             (self.num_timesteps >= 2, "num_timesteps must be >= 2"),
             (self.subset is None or self.subset >= 1, "subset must be >= 1"),
+            (self.time_limit is None or self.time_limit > 0, "time_limit must be > 0 seconds"),
         ]
         for ok, msg in checks:
             if not ok:

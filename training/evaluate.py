@@ -55,6 +55,14 @@ def class_plan(pipe: diffusion.Pipeline, n: int) -> list[tuple[int | None, int]]
     return [(c, n // k + (c < n % k)) for c in range(k) if n // k + (c < n % k) > 0]
 
 
+def class_condition(pipe: diffusion.Pipeline, c: int | None) -> diffusion.Condition:
+    """What a sample of class ``c`` is generated with: the class label, or the class name as the
+    prompt of a text model; None means unconditional."""
+    if c is None:
+        return pipe.resolve()
+    return pipe.resolve(prompt=pipe.cfg.class_names[c]) if pipe.cfg.text is not None else pipe.resolve(class_label=c)
+
+
 def generate_samples(pipe: diffusion.Pipeline, n: int, scheduler: str, steps: int, guidance: float,
                      seed: int = 0, batch_size: int = 250, clip: str = "none", progress: bool = True,
                      desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
@@ -65,25 +73,25 @@ def generate_samples(pipe: diffusion.Pipeline, n: int, scheduler: str, steps: in
     ``seed`` gives an independent repeat."""
     if n < 1:
         raise ValueError("num_samples must be >= 1")
-    images, labels, seconds = [], [], 0.0
+    plan = class_plan(pipe, n)
+    rows = [(c, j) for c, count in plan for j in range(count)]
+    conds = {c: class_condition(pipe, c) for c, _ in plan}
+    images, seconds = [], 0.0
     with tqdm(total=n, desc=desc or f"{scheduler} {steps} steps w={guidance:g}", unit="img",
               disable=not progress, leave=False) as bar:
-        for c, count in class_plan(pipe, n):
-            for start in range(0, count, batch_size):
-                m = min(batch_size, count - start)
-                kw = {} if c is None else ({"prompt": pipe.cfg.class_names[c]} if pipe.cfg.text is not None
-                                           else {"class_label": c})
-                t0 = time.perf_counter()
-                x = pipe.generate_tensor(scheduler=scheduler, steps=steps, guidance=guidance, clip=clip,
-                                         seed=seed * 1_000_000 + 100_000 * (c or 0) + start, num_images=m, **kw)
-                if x.is_cuda:
-                    torch.cuda.synchronize()
-                seconds += time.perf_counter() - t0
-                images.append(x.float().cpu().clamp(-1, 1))
-                labels.append(torch.full((m,), -1 if c is None else c, dtype=torch.long))
-                bar.update(m)
-    y = torch.cat(labels)
-    return torch.cat(images), (None if bool((y < 0).any()) else y), seconds
+        for start in range(0, n, batch_size):  # classes mix in a batch: every row has its own condition and seed
+            chunk = rows[start:start + batch_size]
+            t0 = time.perf_counter()
+            x = pipe.generate_rows([conds[c] for c, _ in chunk],
+                                   [seed * 1_000_000 + 100_000 * (c or 0) + j for c, j in chunk],
+                                   scheduler=scheduler, steps=steps, guidance=guidance, clip=clip)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - t0
+            images.append(x.float().cpu().clamp(-1, 1))
+            bar.update(len(chunk))
+    labels = None if rows[0][0] is None else torch.tensor([c for c, _ in rows], dtype=torch.long)
+    return torch.cat(images), labels, seconds
 
 
 def sample_sheet(images: torch.Tensor, labels: torch.Tensor | None, per_class: int = 10) -> torch.Tensor:

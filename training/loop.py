@@ -81,8 +81,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+    """ema ← decay·ema + (1 − decay)·model, as one fused op per dtype and device (no per-tensor launch)."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -193,7 +193,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     groups, lr_scales = param_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # On a GPU the fused AdamW updates every parameter in one kernel (not a few per tensor).
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     start = 0
     if resume:
         if not state_path.is_file():
@@ -225,8 +226,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
               f"({count_parameters(model.unet)/1e6:.2f}M U-Net) on {device}, world {dist.world}", flush=True)
 
     bar = _progress(start, cfg.max_steps, enabled=progress and dist.main)
-    t_last, seen, running = time.perf_counter(), 0, None
+    t_start = t_last = time.perf_counter()
+    seen, running = 0, None
     step = start
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
     for step, (x0, labels) in enumerate(batches(ds, cfg, start, dist), start=start):
         model.train()
         x0 = x0.to(device, non_blocking=True)
@@ -251,23 +255,31 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         ema_update(ema, model, decay)
 
         seen += x0.shape[0] * dist.world
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        # The running loss stays on the device: the host reads it only when it logs (no per-step sync).
+        running = loss.detach() if running is None else running.lerp_(loss.detach(), 0.02)
+        over_time = cfg.time_limit is not None and time.perf_counter() - t_start >= cfg.time_limit
+        if dist.world > 1 and cfg.time_limit is not None:  # every rank stops at the same step
+            over_time = _any_rank(over_time, device)
         if dist.main:
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}")
-            if n % cfg.log_every == 0 or n == cfg.max_steps:
+            if n % cfg.log_every == 0 or n == cfg.max_steps or over_time:
                 now = time.perf_counter()
                 ips = seen / max(now - t_last, 1e-9)
                 t_last, seen = now, 0
-                writer.writerow([n, f"{loss.item():.6f}", f"{lr_at(cfg, step):.3e}", f"{ips:.1f}"])
+                last = loss.item()
+                writer.writerow([n, f"{last:.6f}", f"{lr_at(cfg, step):.3e}", f"{ips:.1f}"])
                 log_file.flush()
-                bar.set_postfix(loss=f"{running:.4f}", img_s=f"{ips:.0f}")
+                bar.set_postfix(loss=f"{running.item():.4f}", img_s=f"{ips:.0f}")
                 if tb is not None:
-                    tb.add_scalar("loss", loss.item(), n)
+                    tb.add_scalar("loss", last, n)
             if cfg.sample_every and n % cfg.sample_every == 0:
                 write_sample_grid(ema, out / f"samples-{n:07d}.png", seed=cfg.seed)
             if cfg.save_every and n % cfg.save_every == 0 and n < cfg.max_steps:
                 _save_all(cfg, ema, model, opt, n, ckpt_path, state_path, spec.name)
+        if over_time:
+            if dist.main:
+                print(f"\n--time-limit {cfg.time_limit:g} s reached after step {n}", flush=True)
+            break
     bar.close()
     final = max(step + 1, start)
     if dist.main:
@@ -281,6 +293,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         tdist.barrier()
         tdist.destroy_process_group()
     return ckpt_path
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank when it is True on any (ranks' clocks differ slightly)."""
+    import torch.distributed as tdist
+
+    t = torch.tensor([int(flag)], device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _save_all(cfg, ema, model, opt, step, ckpt_path, state_path, dataset) -> None:

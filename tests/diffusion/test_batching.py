@@ -112,3 +112,27 @@ def test_guidance_rows_share_one_forward_and_w0_skips_uncond():
     st = _row("ddim", pipe.schedule, 6, 100, shape=(1, 8, 8), cond=conds[0].unsqueeze(0), guidance=0.0)
     unguided = run_to_end({"ddim": st}, pipe.net, pipe.schedule, "epsilon", pipe.null_cond)["ddim"].x[0]
     assert not torch.allclose(unguided, alone[0], atol=1e-4)
+
+
+def test_generate_rows_mixes_conditions_and_matches_each_alone():
+    torch.manual_seed(0)
+    model = DiffusionModel(model_config("tiny", (1, 8, 8), num_classes=3, class_names=("a", "b", "c")))
+    with torch.no_grad():
+        model.class_embed.weight.mul_(50)
+        for p in model.unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    pipe = Pipeline(model, "cpu")
+    conds = [pipe.resolve(class_label=k) for k in (2, 0, 2, 1)]
+    seeds = [7, 8, 9, 10]
+    rows = pipe.generate_rows(conds, seeds, scheduler="dpmpp_2m", steps=5, guidance=1.5, clip="none")
+    for i, (c, s) in enumerate(zip(conds, seeds)):
+        alone = pipe.generate_tensor(class_label=c.label, scheduler="dpmpp_2m", steps=5, guidance=1.5, seed=s,
+                                     clip="none")[0]
+        torch.testing.assert_close(rows[i], alone, atol=2e-3, rtol=0)  # batched-conv rounding, as above
+    assert not torch.allclose(rows[0], rows[2], atol=1e-3)  # same class, other seed: another image
+    try:
+        pipe.generate_rows(conds, seeds[:2])
+    except ValueError as e:
+        assert "one seed per condition" in str(e)
+    else:
+        raise AssertionError("a seed list of the wrong length was accepted")

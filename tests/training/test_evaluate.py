@@ -57,7 +57,8 @@ def test_generate_samples_labels_and_seeds(pipe):
     assert x.shape == (12, 1, 28, 28) and x.min() >= -1 and x.max() <= 1 and seconds > 0
     assert y.tolist() == [0, 0, 1, 1] + list(range(2, 10))
     again, _, _ = generate_samples(pipe, 12, "ddim", 2, 1.0, seed=0, batch_size=5, progress=False)
-    torch.testing.assert_close(x, again)  # batching does not change an image
+    # Batching (classes mix in a batch) does not change an image beyond float rounding of batched kernels.
+    torch.testing.assert_close(x, again, atol=1e-4, rtol=0)
     other, _, _ = generate_samples(pipe, 12, "ddim", 2, 1.0, seed=1, batch_size=5, progress=False)
     assert not torch.allclose(x, other)
     sheet = sample_sheet(x, y, per_class=1)

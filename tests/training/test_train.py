@@ -65,6 +65,26 @@ def test_resume_reproduces_the_uninterrupted_run(mnist_dir, tmp_path):
     assert ck[1]["training_steps"] == 16
 
 
+def test_time_limit_stops_early_and_saves(mnist_dir, tmp_path):
+    cfg = _cfg(mnist_dir, tmp_path, max_steps=100_000, batch_size=4, time_limit=1.5, log_every=1000)
+    path = train(cfg, progress=False)
+    steps = diffusion.read_checkpoint(path)[1]["training_steps"]
+    assert 1 <= steps < 100_000
+    rows = list(csv.DictReader(open(tmp_path / "loss.csv")))
+    assert int(rows[-1]["step"]) == steps  # the last step is logged even between log_every rows
+    assert (tmp_path / f"{cfg.checkpoint_name()}.state.safetensors").is_file()
+
+
+def test_ema_update_is_the_elementwise_lerp():
+    from training.loop import ema_update
+
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, model, 0.9)
+    for e, b, m in zip(ema.parameters(), before, model.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * m.detach())
+
+
 def test_resume_with_incompatible_config_refused(mnist_dir, tmp_path):
     train(_cfg(mnist_dir, tmp_path, max_steps=2, batch_size=4, name="run"), progress=False)
     other = _cfg(mnist_dir, tmp_path, max_steps=4, batch_size=4, schedule="cosine", name="run")
