@@ -10,6 +10,8 @@ Which cells run (each over every checkpoint):
   - with ``--full``, the whole product schedulers × steps × guidance rates instead;
   - ``--repeat-seeds``: the guidance-sweep cells again with other seeds, for error bars.
 
+Studies run apart (one per checkpoint, side by side) join with ``--merge DIR [DIR ...] --out OUT``.
+
 Cells with the same seed start from the same noise (common random numbers). Every finished cell is
 appended to ``results.csv`` at once; a rerun into the same ``--out`` skips the cells already there, so
 an interrupted study resumes. At the end (or with ``--report-only``) it writes ``results.md`` (mean ±
@@ -20,9 +22,7 @@ std over seeds, the real-vs-real floor), the plots ``fid_vs_steps.png``, ``guida
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,94 +34,14 @@ import diffusion
 from diffusion.imaging import save_grid
 from training.classifier import ClassifierError, load_classifier
 from training.data import DataError
-from training.evaluate import (Reference, default_classifier_path, evaluate_cell, load_inception, nfe,
+from training.evaluate import (Reference, default_classifier_path, evaluate_cell, load_inception,
                                real_test_images)
 from training.metrics import InceptionUnavailable, real_floor
+from training.study_grid import FIELDS, REDUCED, Cell, Grid, append_row, image_evaluations, read_rows, row_key
+from training.study_report import aggregate, markdown, merge_studies, write_report
 
-FIELDS = ("dataset", "checkpoint", "beta_schedule", "model_size", "training_steps", "scheduler", "steps", "nfe",
-          "guidance", "seed", "n_samples", "n_real", "fid_domain", "kid_domain_mean", "kid_domain_std",
-          "is_domain_mean", "is_domain_std", "conditional_accuracy", "fid_inception", "kid_inception_mean",
-          "kid_inception_std", "is_inception_mean", "is_inception_std", "images_per_s", "sample_seconds", "device")
-
-
-@dataclass(frozen=True)
-class Cell:
-    checkpoint: str  # the checkpoint's file stem
-    scheduler: str
-    steps: int
-    guidance: float
-    seed: int
-
-    def key(self) -> tuple:
-        return (self.checkpoint, self.scheduler, int(self.steps), float(self.guidance), int(self.seed))
-
-    def slug(self) -> str:
-        return f"{self.scheduler}-{self.steps}-w{self.guidance:g}-seed{self.seed}"
-
-
-@dataclass
-class Grid:
-    schedulers: tuple[str, ...] = tuple(diffusion.SAMPLERS)
-    steps: tuple[int, ...] = (10, 20, 50, 100)
-    long_steps: tuple[int, ...] = (1000,)
-    long_schedulers: tuple[str, ...] = ("ddpm", "ddim")
-    guidance: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
-    anchor_scheduler: str = "ddim"
-    anchor_steps: int = 50
-    anchor_guidance: float = 2.0
-    seed: int = 0
-    repeat_seeds: tuple[int, ...] = (1, 2)
-    full: bool = False
-    num_samples: int = 5000
-    num_real: int | None = None  # None: the whole test split
-    clip: str = "none"  # x̂0 clipping for every cell: none | static | dynamic
-
-    def steps_for(self, scheduler: str) -> tuple[int, ...]:
-        return self.steps + (self.long_steps if scheduler in self.long_schedulers else ())
-
-    def cells(self, checkpoint: str) -> list[Cell]:
-        """The cells of one checkpoint, in run order, without duplicates."""
-        out = []
-        ws = self.guidance if self.full else (self.anchor_guidance,)
-        for sch in self.schedulers:
-            for s in self.steps_for(sch):
-                out += [Cell(checkpoint, sch, s, w, self.seed) for w in ws]
-        for seed in (self.seed, *self.repeat_seeds):
-            out += [Cell(checkpoint, self.anchor_scheduler, self.anchor_steps, w, seed) for w in self.guidance]
-        return list(dict.fromkeys(out))
-
-
-# Small enough for a CPU: the sample count is stated in every output.
-REDUCED = dict(steps=(10, 25), long_steps=(), guidance=(0.0, 1.0, 3.0), anchor_steps=25, anchor_guidance=1.0,
-               repeat_seeds=(1,), num_samples=200, num_real=None)
-
-
-def image_evaluations(cell: Cell, num_samples: int) -> int:
-    """Network image-evaluations a cell costs: samples × NFE, doubled when guidance > 0 (the
-    unconditional branch rides in the same forward pass on a doubled batch)."""
-    return num_samples * nfe(cell.scheduler, cell.steps) * (2 if cell.guidance > 0 else 1)
-
-
-# ------------------------------------------------------------------------------------------- results
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def row_key(row: dict) -> tuple:
-    return (row["checkpoint"], row["scheduler"], int(row["steps"]), float(row["guidance"]), int(row["seed"]))
-
-
-def append_row(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in FIELDS})
+__all__ = ["FIELDS", "REDUCED", "Cell", "Grid", "Study", "aggregate", "append_row", "image_evaluations", "main",
+           "markdown", "merge_studies", "read_rows", "row_key", "write_report"]
 
 
 def _sheet_row(images: torch.Tensor, labels: torch.Tensor | None, width: int = 10) -> torch.Tensor:
@@ -130,228 +50,6 @@ def _sheet_row(images: torch.Tensor, labels: torch.Tensor | None, width: int = 1
         return images[:width]
     return torch.stack([images[labels == c][0] for c in labels.unique().tolist()])
 
-
-# -------------------------------------------------------------------------------------------- report
-
-SCORES = ("fid_domain", "kid_domain_mean", "is_domain_mean", "conditional_accuracy", "fid_inception",
-          "kid_inception_mean", "is_inception_mean", "images_per_s")
-COLUMNS = (("fid_domain", "FID (domain)", "{:.3g}"), ("kid_domain_mean", "KID (domain)", "{:.2g}"),
-           ("is_domain_mean", "IS (domain)", "{:.3g}"), ("conditional_accuracy", "cond. accuracy", "{:.1%}"),
-           ("fid_inception", "FID (Inception-v3)", "{:.3g}"), ("kid_inception_mean", "KID (Inception-v3)", "{:.2g}"),
-           ("is_inception_mean", "IS (Inception-v3)", "{:.3g}"), ("images_per_s", "images/s", "{:.3g}"))
-
-
-def aggregate(rows: list[dict]) -> list[dict]:
-    """One entry per (checkpoint, scheduler, steps, guidance): each score's mean over seeds, its sample
-    standard deviation (``<score>_sd``, None for one seed) and ``n_seeds``."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(row_key(r)[:4], []).append(r)
-    out = []
-    for (ckpt, sch, steps, w), rs in sorted(groups.items()):
-        first = rs[0]
-        entry = {"checkpoint": ckpt, "beta_schedule": first["beta_schedule"], "model_size": first["model_size"],
-                 "training_steps": first["training_steps"], "scheduler": sch, "steps": steps,
-                 "nfe": int(first["nfe"]), "guidance": w, "n_seeds": len(rs), "n_samples": int(first["n_samples"])}
-        for m in SCORES:
-            vals = [float(r[m]) for r in rs if r.get(m) not in ("", None)]
-            if vals:
-                entry[m] = statistics.fmean(vals)
-                entry[f"{m}_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
-        out.append(entry)
-    return out
-
-
-def _fmt(entry: dict, key: str, pattern: str) -> str:
-    if key not in entry:
-        return "–"
-    sd = entry.get(f"{key}_sd")
-    return pattern.format(entry[key]) + (f" ± {pattern.format(sd)}" if sd is not None else "")
-
-
-def markdown(meta: dict, entries: list[dict], grid: Grid) -> str:
-    floor = meta.get("floor", {})
-    cols = [c for c in COLUMNS if any(c[0] in e for e in entries)]
-    lines = [f"# Study results: {meta.get('dataset')}", ""]
-    for name, c in meta.get("checkpoints", {}).items():
-        lines.append(f"- `{name}`: {c['model_size']} model ({c['parameters']:,} parameters), β-schedule "
-                     f"{c['beta_schedule']}, {c['training_steps']} training steps")
-    clf = meta.get("classifier", {})
-    acc = clf.get("test_accuracy")
-    lines += [f"- {entries[0]['n_samples'] if entries else '?'} samples per cell, balanced over the classes; "
-              f"reference: {meta.get('n_real', '?')} test images; device {meta.get('device')}",
-              f"- domain classifier `{clf.get('path')}`" + (f" (test accuracy {acc:.2%})" if acc is not None else ""),
-              f"- real vs real ({meta.get('floor_n', '?')} train vs test images): "
-              + ", ".join(f"{label} {pattern.format(floor[key])}" for key, label, pattern in cols if key in floor),
-              f"- anchor cell: {grid.anchor_scheduler}, {grid.anchor_steps} steps, guidance {grid.anchor_guidance:g}; "
-              "± is the standard deviation over seeds",
-              f"- x̂0 clipping in every cell: {meta.get('grid', {}).get('clip', grid.clip)}", ""]
-    head = ["β-schedule", "scheduler", "steps", "NFE", "guidance", "seeds"] + [c[1] for c in cols]
-    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for e in entries:
-        cells = [e["beta_schedule"], e["scheduler"], str(e["steps"]), str(e["nfe"]), f"{e['guidance']:g}",
-                 str(e["n_seeds"])] + [_fmt(e, k, p) for k, _, p in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    best = _best_schedulers(entries, grid.anchor_guidance)
-    if best:
-        lines += ["", f"Lowest FID (domain) per step count at guidance {grid.anchor_guidance:g}:", "",
-                  "| β-schedule | steps | scheduler | FID (domain) |", "| --- | --- | --- | --- |"]
-        lines += [f"| {b['beta_schedule']} | {b['steps']} | {b['scheduler']} | {_fmt(b, 'fid_domain', '{:.3g}')} |"
-                  for b in best]
-    return "\n".join(lines) + "\n"
-
-
-def _best_schedulers(entries: list[dict], guidance: float) -> list[dict]:
-    by: dict[tuple, dict] = {}
-    for e in entries:
-        if e["guidance"] == guidance and "fid_domain" in e:
-            k = (e["beta_schedule"], e["checkpoint"], e["steps"])
-            if k not in by or e["fid_domain"] < by[k]["fid_domain"]:
-                by[k] = e
-    return [by[k] for k in sorted(by)]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _series(ax, xs, entries, key, label, **kw):
-    ys = [e[key] for e in entries]
-    err = [e.get(f"{key}_sd") or 0.0 for e in entries]
-    ax.errorbar(xs, ys, yerr=err if any(err) else None, marker="o", capsize=3, label=label, **kw)
-
-
-def plot_fid_vs_steps(entries: list[dict], grid: Grid, floor: dict, path: Path) -> None:
-    plt = _plt()
-    ckpts = sorted({e["checkpoint"] for e in entries})
-    fig, axes = plt.subplots(1, len(ckpts), figsize=(5 * len(ckpts), 4), squeeze=False, sharey=True)
-    for ax, ck in zip(axes[0], ckpts):
-        for sch in grid.schedulers:
-            es = sorted((e for e in entries if e["checkpoint"] == ck and e["scheduler"] == sch
-                         and e["guidance"] == grid.anchor_guidance and "fid_domain" in e), key=lambda e: e["steps"])
-            if es:
-                _series(ax, [e["steps"] for e in es], es, "fid_domain", sch)
-        if "fid_domain" in floor:
-            ax.axhline(floor["fid_domain"], color="grey", ls="--", label="real vs real")
-        beta = next(e["beta_schedule"] for e in entries if e["checkpoint"] == ck)
-        ticks = sorted({e["steps"] for e in entries if e["checkpoint"] == ck})
-        ax.set(xscale="log", xlabel="sampling steps", title=f"{ck} ({beta})")
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel(f"FID (domain), guidance {grid.anchor_guidance:g}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_guidance(entries: list[dict], grid: Grid, floor: dict, path: Path) -> None:
-    plt = _plt()
-    sel = [e for e in entries if e["scheduler"] == grid.anchor_scheduler and e["steps"] == grid.anchor_steps]
-    panels = [(k, label) for k, label in (("fid_domain", "FID (domain)"), ("is_domain_mean", "IS (domain)"),
-                                          ("conditional_accuracy", "conditional accuracy"),
-                                          ("fid_inception", "FID (Inception-v3)"), ("is_inception_mean", "IS (Inception-v3)"))
-              if any(k in e for e in sel)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
-        for ck in sorted({e["checkpoint"] for e in sel}):
-            es = sorted((e for e in sel if e["checkpoint"] == ck and key in e), key=lambda e: e["guidance"])
-            if es:
-                _series(ax, [e["guidance"] for e in es], es, key, f"{ck} ({es[0]['beta_schedule']})")
-        if key in floor:
-            ax.axhline(floor[key], color="grey", ls="--", label="real vs real")
-        ax.set(xlabel="guidance rate w", ylabel=label)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{grid.anchor_scheduler}, {grid.anchor_steps} steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_linear_vs_cosine(entries: list[dict], grid: Grid, path: Path) -> bool:
-    """FID (domain) of the cosine model against the linear one, cell by matched cell; False (and no
-    file) unless both schedules are present."""
-    first = {}
-    for e in entries:
-        first.setdefault(e["beta_schedule"], e["checkpoint"])
-    if not {"linear", "cosine"} <= set(first):
-        return False
-    cell = lambda e: (e["scheduler"], e["steps"], e["guidance"])  # noqa: E731
-    lin = {cell(e): e for e in entries if e["checkpoint"] == first["linear"] and "fid_domain" in e}
-    cos = {cell(e): e for e in entries if e["checkpoint"] == first["cosine"] and "fid_domain" in e}
-    common = sorted(set(lin) & set(cos))
-    if not common:
-        return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for sch in grid.schedulers:
-        ks = [k for k in common if k[0] == sch]
-        if ks:
-            ax.scatter([lin[k]["fid_domain"] for k in ks], [cos[k]["fid_domain"] for k in ks], label=sch)
-    vals = [lin[k]["fid_domain"] for k in common] + [cos[k]["fid_domain"] for k in common]
-    lo, hi = min(vals), max(vals)
-    ax.plot([lo, hi], [lo, hi], color="grey", ls="--", label="equal")
-    if lo > 0:
-        ax.set(xscale="log", yscale="log")
-    ax.set(xlabel=f"FID (domain), linear ({first['linear']})", ylabel=f"FID (domain), cosine ({first['cosine']})",
-           title="below the line: cosine better")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def sample_figure(out: Path, checkpoint: str, rows: list[tuple[str, Cell]], path: Path) -> bool:
-    """Stack the saved one-image-per-class rows of ``rows`` (label, cell) into one labelled figure."""
-    import numpy as np
-    from PIL import Image
-
-    found = [(label, out / "samples" / checkpoint / f"{c.slug()}.png") for label, c in rows]
-    found = [(label, p) for label, p in found if p.is_file()]
-    if not found:
-        return False
-    plt = _plt()
-    fig, axes = plt.subplots(len(found), 1, figsize=(6, 0.75 * len(found) + 0.4), squeeze=False)
-    for ax, (label, p) in zip(axes[:, 0], found):
-        ax.imshow(np.asarray(Image.open(p).convert("L")), cmap="gray", vmin=0, vmax=255)
-        ax.set_xticks([]), ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(checkpoint, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def write_report(out: Path, grid: Grid) -> list[Path]:
-    """results.md, the plots and the sample figures from results.csv and study.json; the paths written."""
-    rows = read_rows(out / "results.csv")
-    if not rows:
-        raise ValueError(f"{out / 'results.csv'} holds no results yet")
-    meta = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
-    floor = meta.get("floor", {})
-    entries = aggregate(rows)
-    written = [out / "results.md", out / "fid_vs_steps.png", out / "guidance.png"]
-    written[0].write_text(markdown(meta, entries, grid))
-    plot_fid_vs_steps(entries, grid, floor, written[1])
-    plot_guidance(entries, grid, floor, written[2])
-    if plot_linear_vs_cosine(entries, grid, out / "linear_vs_cosine.png"):
-        written.append(out / "linear_vs_cosine.png")
-    for ck in sorted({e["checkpoint"] for e in entries}):
-        steps_rows = [(f"{s} {n}", Cell(ck, s, n, grid.anchor_guidance, grid.seed))
-                      for s in grid.schedulers for n in grid.steps_for(s)]
-        w_rows = [(f"w={w:g}", Cell(ck, grid.anchor_scheduler, grid.anchor_steps, w, grid.seed)) for w in grid.guidance]
-        for kind, rs in (("steps", steps_rows), ("guidance", w_rows)):
-            path = out / "samples" / f"{ck}-{kind}.png"
-            if sample_figure(out, ck, rs, path):
-                written.append(path)
-    return written
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -451,7 +149,9 @@ def _display_path(path) -> str:
 def _parser() -> argparse.ArgumentParser:
     d = Grid()
     p = argparse.ArgumentParser(prog="python -m training.study", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoints", nargs="+", required=True, help="one checkpoint per β-schedule (same dataset)")
+    p.add_argument("--checkpoints", nargs="+", help="one checkpoint per β-schedule (same dataset)")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="gather these study folders (run apart, e.g. one per checkpoint) into --out and report")
     p.add_argument("--out", required=True, help="folder for results.csv / .md, plots and samples")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--classifier", default=None, help="default: checkpoints/classifiers/<dataset>.safetensors")
@@ -505,7 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    study = Study(a.checkpoints, Path(a.out), grid, a.data_dir, a.classifier, a.inception_weights, a.inception,
+    if a.merge:
+        try:
+            added = merge_studies([Path(d) for d in a.merge], Path(a.out))
+            write_report(Path(a.out), grid)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"merged {added} cells into {a.out}; wrote {Path(a.out) / 'results.md'}")
+        return 0
+    if not a.checkpoints and not a.report_only:
+        print("error: give --checkpoints (or --merge, or --report-only)", file=sys.stderr)
+        return 2
+    study = Study(a.checkpoints or [], Path(a.out), grid, a.data_dir, a.classifier, a.inception_weights, a.inception,
                   a.device, a.batch_size, progress=not a.no_progress)
     if a.report_only:
         write_report(study.out, grid)

@@ -113,7 +113,7 @@ def test_cli_refuses_missing_data_dir(tmp_path):
         main(["--dataset", "mnist", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")])
 
 
-@pytest.mark.parametrize("name,folder,floor", [("mnist", MNIST, 0.98), ("fashion_mnist", FASHION, 0.88)])
+@pytest.mark.parametrize("name,folder,floor", [("mnist", MNIST, 0.98), ("fashion_mnist", FASHION, 0.91)])
 def test_committed_classifiers_are_accurate(name, folder, floor):
     path = CHECKPOINTS / f"{name}.safetensors"
     if not path.is_file() or not folder.is_dir():

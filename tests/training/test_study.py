@@ -2,6 +2,7 @@
 β-schedules) trained for a few steps on real MNIST digits."""
 
 import csv
+import json
 import math
 
 import pytest
@@ -121,3 +122,36 @@ def test_clip_setting_is_applied_recorded_and_not_mixed(checkpoints, mnist_dir, 
     assert "x̂0 clipping in every cell: static" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="clip=static"):
         Study(checkpoints[:1], tmp_path, Grid(**grid), data_dir=str(mnist_dir), device="cpu", progress=False).run()
+
+
+def test_merge_joins_studies_run_apart_and_refuses_mismatches(checkpoints, mnist_dir, tmp_path, capsys):
+    grid = dict(TINY, schedulers=("ddim",), steps=(2,), guidance=(0.0, 2.0), repeat_seeds=())
+    parts = []
+    for ck in checkpoints:  # one study per checkpoint, as scripts/study_gpu.sh runs them
+        out = tmp_path / f"part-{len(parts)}"
+        Study([ck], out, Grid(**grid), data_dir=str(mnist_dir), device="cpu", progress=False).run()
+        parts.append(out)
+    merged = tmp_path / "merged"
+    args = ["--out", str(merged), "--schedulers", "ddim", "--steps", "2", "--long-steps", "--guidance", "0", "2",
+            "--anchor-steps", "2", "--repeat-seeds"]
+    assert main(["--merge", *map(str, parts), *args]) == 0
+    assert "merged 4 cells" in capsys.readouterr().out
+    rows = read_rows(merged / "results.csv")
+    assert sorted((r["checkpoint"], float(r["guidance"])) for r in rows) == \
+        [("tiny-cosine", 0.0), ("tiny-cosine", 2.0), ("tiny-linear", 0.0), ("tiny-linear", 2.0)]
+    assert rows == read_rows(parts[0] / "results.csv") + read_rows(parts[1] / "results.csv")
+    meta = json.loads((merged / "study.json").read_text())
+    assert set(meta["checkpoints"]) == {"tiny-linear", "tiny-cosine"}
+    assert (merged / "samples/tiny-cosine/ddim-2-w0-seed0.png").is_file()
+    assert (merged / "linear_vs_cosine.png").is_file()
+    md = (merged / "results.md").read_text()
+    assert "`tiny-linear`" in md and "`tiny-cosine`" in md
+    assert main(["--merge", *map(str, parts), *args]) == 0  # again: nothing new, nothing doubled
+    assert len(read_rows(merged / "results.csv")) == 4
+
+    other = tmp_path / "other"  # another sample count cannot join
+    Study(checkpoints[:1], other, Grid(**dict(grid, num_samples=20)), data_dir=str(mnist_dir), device="cpu",
+          progress=False).run()
+    assert main(["--merge", str(other), *args]) == 2
+    assert "samples per cell 20 differs" in capsys.readouterr().err
+    assert main(["--out", str(merged)]) == 2  # neither checkpoints nor folders to merge
