@@ -20,6 +20,8 @@ MODEL=${MODEL:-small}
 BATCH=${BATCH:-256}
 STEPS=${STEPS:-10 20 50 100}
 LONG=${LONG:-1000}
+ANCHOR=${ANCHOR:-50}         # the guidance sweep's DDIM step count
+PYTHON=${PYTHON:-python3}
 CLF_EPOCHS=${CLF_EPOCHS:-10}
 CLF_ARGS=${CLF_ARGS:-}         # e.g. "--limit 500" for a quick check on a CPU
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -27,13 +29,13 @@ mkdir -p "$OUT" "$RUNS"
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) > "$RUNS/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())" >> "$RUNS/gpu.txt"
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())" >> "$RUNS/gpu.txt"
 cat "$RUNS/gpu.txt"
 
 # CUDA MPS lets the four processes' small kernels run side by side instead of time-slicing the GPU.
 # Guarded: if a CUDA program cannot start under it, it is stopped and everything runs without.
 if [ "${MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
-  if nvidia-cuda-mps-control -d && timeout 60 python3 -c "import torch; assert torch.ones(1, device='cuda').item() == 1"; then
+  if nvidia-cuda-mps-control -d && timeout 60 "$PYTHON" -c "import torch; assert torch.ones(1, device='cuda').item() == 1"; then
     echo "CUDA MPS: on" | tee -a "$RUNS/gpu.txt"
   else
     timeout 10 bash -c 'echo quit | nvidia-cuda-mps-control'; echo "CUDA MPS: failed, off" | tee -a "$RUNS/gpu.txt"
@@ -47,13 +49,13 @@ dir_of() { [ "$1" = mnist ] && echo "$DATA/mnist-10k" || echo "$DATA/fashion-mni
 stamp "training: 4 models x ${TRAIN_S} s, and the fashion_mnist classifier"
 for ds in mnist fashion_mnist; do
   for s in linear cosine; do
-    timeout $((TRAIN_S + 120)) python3 -m training --preset "$ds-small-$s-class" --model "$MODEL" \
+    timeout $((TRAIN_S + 120)) "$PYTHON" -m training --preset "$ds-small-$s-class" --model "$MODEL" \
       --data-dir "$(dir_of $ds)" --out "$RUNS/$ds-$s" --name "$ds-$MODEL-$s" --time-limit "$TRAIN_S" \
       --max-steps 1000000 --batch-size "$BATCH" --lr 6e-4 --warmup-steps 200 --sample-every 0 \
       --save-every 1000 --log-every 100 > "$RUNS/train-$ds-$s.log" 2>&1 &
   done
 done
-timeout "$TRAIN_S" python3 -m training.classifier --dataset fashion_mnist --data-dir "$DATA/fashion-mnist" \
+timeout "$TRAIN_S" "$PYTHON" -m training.classifier --dataset fashion_mnist --data-dir "$DATA/fashion-mnist" \
   --out "$RUNS/fashion_mnist-classifier.safetensors" --epochs "$CLF_EPOCHS" $CLF_ARGS > "$RUNS/classifier.log" 2>&1 &
 wait
 stamp "training done"
@@ -73,12 +75,12 @@ study() {  # dataset schedule: the cheap cells first, so a cut-off study keeps t
   local ds=$1 s=$2 ck="$RUNS/$1-$2/$1-$MODEL-$2.safetensors" out="$RUNS/study-$1-$2"
   [ -f "$ck" ] || { echo "no checkpoint $ck"; return 1; }
   local common="--checkpoints $ck --data-dir $(dir_of $ds) --out $out --num-samples $N --clip static
-    --steps $STEPS --guidance 0 0.5 1 2 4 --anchor-steps 50 --anchor-guidance 2 --batch-size 1000 $(clf_for $ds)"
-  python3 -m training.study $common --long-steps --repeat-seeds &&
-  python3 -m training.study $common --long-steps --repeat-seeds 1 2 &&
-  python3 -m training.study $common --long-steps $LONG --repeat-seeds 1 2
+    --steps $STEPS --guidance 0 0.5 1 2 4 --anchor-steps $ANCHOR --anchor-guidance 2 --batch-size 1000 $(clf_for $ds)"
+  "$PYTHON" -m training.study $common --long-steps --repeat-seeds &&
+  "$PYTHON" -m training.study $common --long-steps --repeat-seeds 1 2 &&
+  "$PYTHON" -m training.study $common --long-steps $LONG --repeat-seeds 1 2
 }
-export RUNS MODEL N STEPS LONG DATA
+export RUNS MODEL N STEPS LONG ANCHOR DATA PYTHON
 stamp "studies: 4 checkpoints x ${STUDY_S} s, $N samples per cell"
 for ds in mnist fashion_mnist; do
   for s in linear cosine; do

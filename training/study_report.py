@@ -165,21 +165,30 @@ def plot_linear_vs_cosine(entries: list[dict], grid: Grid, path: Path) -> bool:
     common = sorted(set(lin) & set(cos))
     if not common:
         return False
+    # A diverged cell (FID 10× the median or more) would squeeze the rest into a corner: it is named
+    # under the plot instead of drawn.
+    median = statistics.median([lin[k]["fid_domain"] for k in common] + [cos[k]["fid_domain"] for k in common])
+    off = [k for k in common if max(lin[k]["fid_domain"], cos[k]["fid_domain"]) > 10 * median]
+    shown = [k for k in common if k not in off] or common
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = plt.subplots(figsize=(5, 5.3 if off else 5))
     for sch in grid.schedulers:
-        ks = [k for k in common if k[0] == sch]
+        ks = [k for k in shown if k[0] == sch]
         if ks:
             ax.scatter([lin[k]["fid_domain"] for k in ks], [cos[k]["fid_domain"] for k in ks], label=sch)
-    vals = [lin[k]["fid_domain"] for k in common] + [cos[k]["fid_domain"] for k in common]
+    vals = [lin[k]["fid_domain"] for k in shown] + [cos[k]["fid_domain"] for k in shown]
     lo, hi = min(vals), max(vals)
     ax.plot([lo, hi], [lo, hi], color="grey", ls="--", label="equal")
     if lo > 0:
         ax.set(xscale="log", yscale="log")
     ax.set(xlabel=f"FID (domain), linear ({first['linear']})", ylabel=f"FID (domain), cosine ({first['cosine']})",
            title="below the line: cosine better")
+    if off:
+        note = "; ".join(f"{k[0]} {k[1]} steps w={k[2]:g}: {lin[k]['fid_domain']:.3g} vs {cos[k]['fid_domain']:.3g}"
+                         for k in off)
+        fig.text(0.5, 0.01, f"off scale (linear vs cosine): {note}", ha="center", fontsize=7, wrap=True)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 if off else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
