@@ -10,7 +10,8 @@ class name as the prompt for a text model), and scores them against the real tes
 FID, KID and IS on the domain classifier's features ("(domain)"), on Inception-v3's as well when its
 weights are given or downloadable, the conditional accuracy (share read by the classifier as the
 class asked for), NFE (model evaluations per image) and images/s on this machine. Beside every
-number it prints the real-vs-real floor: ``num_samples`` training images scored the same way.
+number it prints the real-vs-real floor: ``num_samples`` training images, with the samples' class
+counts, scored the same way against the same test images.
 
 The real images' features are extracted once (:class:`Reference`), so a grid of many cells
 (``training.study``) pays for them once.
@@ -34,7 +35,7 @@ from training.classifier import Classifier, ClassifierError, load_classifier
 from training.data import DataError, load_dataset
 from training.metrics import (METRIC_LABELS, DomainExtractor, InceptionExtractor, InceptionUnavailable,
                               conditional_accuracy, fid_from_features, inception_score_from_logits,
-                              kid_from_features, real_floor)
+                              kid_from_features)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,10 +47,16 @@ def default_classifier_path(dataset: str) -> Path:
 
 # ------------------------------------------------------------------------------------------ sampling
 
+def sample_classes(pipe: diffusion.Pipeline) -> int:
+    """How many classes a checkpoint's samples are spread over: its classes (by label, or by name as
+    the prompt of a text model); 0 for an unconditional model."""
+    return len(pipe.cfg.class_names) if (pipe.cfg.num_classes > 0 or pipe.cfg.text is not None) else 0
+
+
 def class_plan(pipe: diffusion.Pipeline, n: int) -> list[tuple[int | None, int]]:
     """(class index, count) pairs: ``n`` images shared as evenly as possible over the model's classes
     (class i gets one more while i < n mod K); [(None, n)] for an unconditional model."""
-    k = len(pipe.cfg.class_names) if (pipe.cfg.num_classes > 0 or pipe.cfg.text is not None) else 0
+    k = sample_classes(pipe)
     if k == 0:
         return [(None, n)]
     return [(c, n // k + (c < n % k)) for c in range(k) if n // k + (c < n % k) > 0]
@@ -162,6 +169,40 @@ class Reference:
         return out
 
 
+FLOOR_METHOD = "class-balanced training images against the cells' reference"
+
+
+def balanced_train_images(dataset: str, data_dir: str | None, n: int, num_classes: int, seed: int = 0,
+                          image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` training images (and labels) drawn with the same class counts as the samples of a cell
+    (:func:`class_plan`: class i gets one more while i < n mod K); a plain random draw when
+    ``num_classes`` is 0 (an unconditional model)."""
+    ds = load_dataset(dataset, data_dir=data_dir, split="train", image_size=image_size)
+    images = ds.images if hasattr(ds, "images") else torch.stack([ds[i][0] for i in range(len(ds))])
+    labels = ds.labels if hasattr(ds, "labels") else torch.tensor([ds[i][1] for i in range(len(ds))])
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    if num_classes == 0:
+        return images[order[:n]], None
+    picks = []
+    for c in range(num_classes):
+        want = n // num_classes + (c < n % num_classes)
+        mine = order[labels[order] == c][:want]
+        if len(mine) < want:
+            raise ValueError(f"the {dataset} training split has only {len(mine)} images of class {c}, {want} needed")
+        picks.append(mine)
+    idx = torch.cat(picks)
+    return images[idx], labels[idx]
+
+
+def matched_floor(reference: Reference, dataset: str, data_dir: str | None, n: int, num_classes: int,
+                  seed: int = 0) -> dict[str, float]:
+    """The real-vs-real floor of a cell: ``n`` training images, with the cell's class counts, scored
+    exactly like the samples (same reference features, same KID subsets and IS splits). A perfect
+    generator would score about this; a smaller reference or an unbalanced draw would inflate it."""
+    images, labels = balanced_train_images(dataset, data_dir, n, num_classes, seed)
+    return reference.score(images, labels, seed=seed)
+
+
 def evaluate_cell(pipe: diffusion.Pipeline, reference: Reference, num_samples: int, scheduler: str, steps: int,
                   guidance: float, seed: int = 0, batch_size: int = 250, clip: str = "none",
                   progress: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
@@ -244,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = Reference.build(real, clf, inception)
     metrics, images, labels = evaluate_cell(pipe, reference, a.num_samples, a.scheduler, a.steps, a.guidance,
                                        a.seed, a.batch_size, a.clip)
-    floor = None if a.no_floor else real_floor(dataset, a.data_dir, clf, n=a.num_samples, inception=inception)
+    floor = None if a.no_floor else matched_floor(reference, dataset, a.data_dir, a.num_samples, sample_classes(pipe))
     print(f"{a.num_samples} samples, {a.scheduler} {a.steps} steps, guidance {a.guidance:g}, "
           f"against {len(real)} test images:")
     print(format_report(metrics, floor))

@@ -34,9 +34,9 @@ import diffusion
 from diffusion.imaging import save_grid
 from training.classifier import ClassifierError, load_classifier
 from training.data import DataError
-from training.evaluate import (Reference, default_classifier_path, evaluate_cell, load_inception,
-                               real_test_images)
-from training.metrics import InceptionUnavailable, real_floor
+from training.evaluate import (FLOOR_METHOD, Reference, default_classifier_path, evaluate_cell,
+                               load_inception, matched_floor, real_test_images, sample_classes)
+from training.metrics import InceptionUnavailable
 from training.study_grid import FIELDS, REDUCED, Cell, Grid, append_row, image_evaluations, read_rows, row_key
 from training.study_report import aggregate, markdown, merge_studies, write_report
 
@@ -101,10 +101,13 @@ class Study:
             real = real_test_images(dataset, self.data_dir, g.num_real)
             reference = Reference.build(real, clf, inception)
             meta["n_real"] = len(real)
-            if old.get("floor_n") == g.num_samples and old.get("dataset") == dataset and "floor" in old:
+            if (old.get("floor_n") == g.num_samples and old.get("dataset") == dataset and "floor" in old
+                    and old.get("floor_method") == FLOOR_METHOD and old.get("n_real") == len(real)):
                 meta["floor"] = old["floor"]
             else:
-                meta["floor"] = real_floor(dataset, self.data_dir, clf, n=g.num_samples, inception=inception)
+                meta["floor"] = matched_floor(reference, dataset, self.data_dir, g.num_samples,
+                                              sample_classes(next(iter(pipes.values()))))
+            meta["floor_method"] = FLOOR_METHOD
             meta["floor_n"] = g.num_samples
             meta_path.write_text(json.dumps(meta, indent=2))
             for cell in tqdm(todo, desc="study cells", unit="cell", disable=not self.progress):
@@ -120,6 +123,25 @@ class Study:
                           nrow=10)
         write_report(self.out, g)
         return csv_path
+
+    def refloor(self) -> dict:
+        """Recompute the floor in ``study.json`` the current way (:func:`training.evaluate.matched_floor`)
+        without sampling anything: the checkpoints give the class count, the settings come from study.json."""
+        meta_path = self.out / "study.json"
+        if not meta_path.is_file():
+            raise ValueError(f"{meta_path} does not exist")
+        meta = json.loads(meta_path.read_text())
+        pipes, dataset = self._load()
+        device = next(iter(pipes.values())).device
+        clf = load_classifier(self.classifier or str(default_classifier_path(dataset)), device=device)
+        real = real_test_images(dataset, self.data_dir, meta.get("grid", {}).get("num_real"))
+        reference = Reference.build(real, clf, load_inception(self.inception_weights, self.inception_download, device))
+        n = int(meta.get("floor_n") or self.grid.num_samples)
+        k = sample_classes(next(iter(pipes.values())))
+        meta.update(floor=matched_floor(reference, dataset, self.data_dir, n, k), floor_n=n,
+                    floor_method=FLOOR_METHOD, n_real=len(real))
+        meta_path.write_text(json.dumps(meta, indent=2))
+        return meta["floor"]
 
     def _meta(self, dataset, pipes, clf_path, clf, inception, device) -> dict:
         g = self.grid
@@ -179,6 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dry-run", action="store_true", help="print the cells and their cost, run nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md and the plots from results.csv")
+    p.add_argument("--refloor", action="store_true",
+                   help="recompute the real-vs-real floor in study.json (needs --checkpoints and --data-dir), then report")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -219,7 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     study = Study(a.checkpoints or [], Path(a.out), grid, a.data_dir, a.classifier, a.inception_weights, a.inception,
                   a.device, a.batch_size, progress=not a.no_progress)
-    if a.report_only:
+    if a.refloor:
+        try:
+            study.refloor()
+        except (ValueError, OSError, ClassifierError, DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if a.report_only or a.refloor:
         write_report(study.out, grid)
         print(f"wrote {study.out / 'results.md'}")
         return 0

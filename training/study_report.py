@@ -57,7 +57,9 @@ def markdown(meta: dict, entries: list[dict], grid: Grid) -> str:
     lines += [f"- {entries[0]['n_samples'] if entries else '?'} samples per cell, balanced over the classes; "
               f"reference: {meta.get('n_real', '?')} test images; device {meta.get('device')}",
               f"- domain classifier `{clf.get('path')}`" + (f" (test accuracy {acc:.2%})" if acc is not None else ""),
-              f"- real vs real ({meta.get('floor_n', '?')} train vs test images): "
+              (f"- real vs real ({meta.get('floor_n', '?')} training images, class-balanced like the samples, "
+               "against the same reference): " if meta.get("floor_method") else
+               f"- real vs real ({meta.get('floor_n', '?')} train vs as many test images): ")
               + ", ".join(f"{label} {pattern.format(floor[key])}" for key, label, pattern in cols if key in floor),
               f"- anchor cell: {grid.anchor_scheduler}, {grid.anchor_steps} steps, guidance {grid.anchor_guidance:g}; "
               "± is the standard deviation over seeds",

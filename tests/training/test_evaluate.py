@@ -91,6 +91,23 @@ def test_evaluate_cell_cost_and_sane_scores(mnist_dir, pipe, clf):
     assert m["fid_domain"] > floor["fid_domain"]  # 15 training steps are far from real digits
 
 
+def test_matched_floor_is_balanced_train_images_scored_like_a_cell(mnist_dir, clf):
+    from training.evaluate import balanced_train_images, matched_floor
+
+    x, y = balanced_train_images("mnist", str(mnist_dir), 25, 10, seed=3)
+    assert len(x) == 25 and y.bincount(minlength=10).tolist() == [3] * 5 + [2] * 5  # class_plan's counts
+    again, y2 = balanced_train_images("mnist", str(mnist_dir), 25, 10, seed=3)
+    assert torch.equal(x, again) and torch.equal(y, y2)
+    plain, none = balanced_train_images("mnist", str(mnist_dir), 7, 0)
+    assert len(plain) == 7 and none is None
+    ref = Reference.build(real_test_images("mnist", str(mnist_dir), 300), clf, kid_subsets=10)
+    floor = matched_floor(ref, "mnist", str(mnist_dir), 25, 10, seed=3)
+    assert floor == ref.score(x, y, seed=3)  # the same scoring as the samples, against the same reference
+    assert floor["n_real"] == 300 and floor["conditional_accuracy"] > 0.9
+    with pytest.raises(ValueError, match="only"):
+        balanced_train_images("mnist", str(mnist_dir), 10**6, 10)
+
+
 def test_inception_scores_with_random_weights(mnist_dir, random_inception_weights):  # noqa: F811
     inc = InceptionExtractor(random_inception_weights / "inception.safetensors", batch_size=4, feature="64")
     real = real_test_images("mnist", str(mnist_dir), 8)
@@ -116,6 +133,7 @@ def test_cli_prints_labelled_metrics_beside_the_floor(tiny, mnist_dir, tmp_path,
     saved = json.loads(out_json.read_text())
     assert saved["metrics"]["n_fake"] == 20 and saved["metrics"]["n_real"] == 200 and saved["steps"] == 3
     assert saved["floor"]["n_fake"] == 20 and saved["floor"]["conditional_accuracy"] > 0.8
+    assert saved["floor"]["n_real"] == 200  # the floor is scored against the samples' own reference
     assert Image.open(grid).size == (302, 62)  # 2 images per class: 2 rows of 10 tiles of 28+2 pixels
 
 

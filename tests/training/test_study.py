@@ -72,7 +72,7 @@ def test_grid_writes_csv_markdown_plots_and_samples(ran):
     md = (out / "results.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| linear") or line.startswith("| cosine")]
     assert len(table) == 10 + 4  # the results, then the best scheduler per step count
-    assert "FID (domain)" in md and "real vs real (10 train vs test images)" in md and "15 training steps" in md
+    assert "FID (domain)" in md and "real vs real (10 training images, class-balanced like the samples, against the same reference)" in md and "15 training steps" in md
     assert "10 samples per cell" in md and "reference: 100 test images" in md
     for name in ("fid_vs_steps.png", "guidance.png", "linear_vs_cosine.png", "samples/tiny-linear-steps.png",
                  "samples/tiny-cosine-guidance.png", "samples/tiny-linear/ddim-2-w0-seed1.png"):
@@ -155,3 +155,21 @@ def test_merge_joins_studies_run_apart_and_refuses_mismatches(checkpoints, mnist
     assert main(["--merge", str(other), *args]) == 2
     assert "samples per cell 20 differs" in capsys.readouterr().err
     assert main(["--out", str(merged)]) == 2  # neither checkpoints nor folders to merge
+
+
+def test_refloor_rewrites_an_old_floor(checkpoints, mnist_dir, tmp_path):
+    grid = dict(TINY, schedulers=("ddim",), steps=(2,), guidance=(2.0,), repeat_seeds=())
+    Study(checkpoints[:1], tmp_path, Grid(**grid), data_dir=str(mnist_dir), device="cpu", progress=False).run()
+    meta = json.loads((tmp_path / "study.json").read_text())
+    assert meta["floor_method"].startswith("class-balanced") and meta["floor"]["n_real"] == 100
+    fresh = meta["floor"]
+    meta["floor"] = {"fid_domain": 99.0}  # as an older study wrote it: n train vs n test images
+    del meta["floor_method"]
+    (tmp_path / "study.json").write_text(json.dumps(meta))
+    assert "train vs as many test images" in study_mod.markdown(meta, [], Grid(**grid))
+    assert main(["--refloor", "--checkpoints", checkpoints[0], "--data-dir", str(mnist_dir), "--out", str(tmp_path),
+                 "--schedulers", "ddim", "--steps", "2", "--long-steps", "--guidance", "2", "--anchor-steps", "2",
+                 "--repeat-seeds"]) == 0
+    meta = json.loads((tmp_path / "study.json").read_text())
+    assert meta["floor"]["fid_domain"] == pytest.approx(fresh["fid_domain"], rel=1e-6)
+    assert "class-balanced like the samples" in (tmp_path / "results.md").read_text()
