@@ -23,6 +23,7 @@ LONG=${LONG:-1000}
 ANCHOR=${ANCHOR:-50}         # the guidance sweep's DDIM step count
 PYTHON=${PYTHON:-python3}
 CLF_EPOCHS=${CLF_EPOCHS:-10}
+CLF_S=${CLF_S:-$TRAIN_S}     # the classifier's budget, seconds (without a file the repository's is used)
 CLF_ARGS=${CLF_ARGS:-}         # e.g. "--limit 500" for a quick check on a CPU
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT" "$RUNS"
@@ -55,7 +56,7 @@ for ds in mnist fashion_mnist; do
       --save-every 1000 --log-every 100 > "$RUNS/train-$ds-$s.log" 2>&1 &
   done
 done
-timeout "$TRAIN_S" "$PYTHON" -m training.classifier --dataset fashion_mnist --data-dir "$DATA/fashion-mnist" \
+timeout "$CLF_S" "$PYTHON" -m training.classifier --dataset fashion_mnist --data-dir "$DATA/fashion-mnist" \
   --out "$RUNS/fashion_mnist-classifier.safetensors" --epochs "$CLF_EPOCHS" $CLF_ARGS > "$RUNS/classifier.log" 2>&1 &
 wait
 stamp "training done"
