@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from training.data import DataError, load_dataset
+from training.data import DataError, dataset_tensors, load_dataset
 
 FORMAT = "diffusion-serve/classifier"
 FORMAT_VERSION = 1
@@ -154,14 +154,6 @@ def _random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -
     return F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)
 
 
-def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images and labels of a dataset as two tensors (IDX datasets hold them already)."""
-    if hasattr(dataset, "images") and hasattr(dataset, "labels"):
-        return dataset.images, dataset.labels
-    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(xs), torch.tensor(ys)
-
-
 @torch.no_grad()
 def predict(model: Classifier, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Predicted labels [N] for images [N, C, H, W] in [-1, 1]."""
@@ -219,7 +211,7 @@ def train_classifier(dataset_name: str, data_dir: str | None, out_path: str | Pa
     torch.manual_seed(seed)
     train = load_dataset(dataset_name, data_dir=data_dir, split="train", image_size=image_size)
     test = load_dataset(dataset_name, data_dir=data_dir, split="test", image_size=image_size)
-    x, y = _tensors(train)
+    x, y = dataset_tensors(train)
     if limit is not None:
         x, y = x[:limit], y[:limit]
     config = ClassifierConfig(in_channels=x.shape[1], num_classes=len(train.class_names), widths=tuple(widths))
@@ -227,7 +219,7 @@ def train_classifier(dataset_name: str, data_dir: str | None, out_path: str | Pa
     start = time.perf_counter()
     fit(model, x, y, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, progress=progress)
     train_seconds = time.perf_counter() - start
-    tx, ty = _tensors(test)
+    tx, ty = dataset_tensors(test)
     test_acc = accuracy(model, tx, ty)
     if out_path is not None:
         save_classifier(model.cpu(), out_path, extra={

@@ -172,6 +172,14 @@ class ImageFolderDataset(Dataset):
         return x, label
 
 
+def dataset_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of a dataset as two tensors (IDX datasets hold them already)."""
+    if hasattr(dataset, "images") and hasattr(dataset, "labels"):
+        return dataset.images, dataset.labels
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(xs), torch.tensor(ys)
+
+
 def dataset_spec(name: str, image_size: int | None = None, data_dir: str | None = None, channels: int = 3) -> DatasetSpec:
     if name == "mnist":
         return DatasetSpec(name, (1, 28, 28), MNIST_CLASSES)

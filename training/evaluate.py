@@ -32,7 +32,7 @@ from tqdm import tqdm
 import diffusion
 from diffusion.imaging import save_grid
 from training.classifier import Classifier, ClassifierError, load_classifier
-from training.data import DataError, load_dataset
+from training.data import DataError, dataset_tensors, load_dataset
 from training.metrics import (METRIC_LABELS, DomainExtractor, InceptionExtractor, InceptionUnavailable,
                               conditional_accuracy, fid_from_features, inception_score_from_logits,
                               kid_from_features)
@@ -53,13 +53,18 @@ def sample_classes(pipe: diffusion.Pipeline) -> int:
     return len(pipe.cfg.class_names) if (pipe.cfg.num_classes > 0 or pipe.cfg.text is not None) else 0
 
 
+def class_counts(n: int, k: int) -> list[int]:
+    """``n`` shared as evenly as possible over ``k`` classes: class i gets one more while i < n mod k."""
+    return [n // k + (c < n % k) for c in range(k)]
+
+
 def class_plan(pipe: diffusion.Pipeline, n: int) -> list[tuple[int | None, int]]:
-    """(class index, count) pairs: ``n`` images shared as evenly as possible over the model's classes
-    (class i gets one more while i < n mod K); [(None, n)] for an unconditional model."""
+    """(class index, count) pairs: ``n`` images shared over the model's classes by
+    :func:`class_counts`, classes with none left out; [(None, n)] for an unconditional model."""
     k = sample_classes(pipe)
     if k == 0:
         return [(None, n)]
-    return [(c, n // k + (c < n % k)) for c in range(k) if n // k + (c < n % k) > 0]
+    return [(c, m) for c, m in enumerate(class_counts(n, k)) if m > 0]
 
 
 def class_condition(pipe: diffusion.Pipeline, c: int | None) -> diffusion.Condition:
@@ -175,17 +180,13 @@ FLOOR_METHOD = "class-balanced training images against the cells' reference"
 def balanced_train_images(dataset: str, data_dir: str | None, n: int, num_classes: int, seed: int = 0,
                           image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` training images (and labels) drawn with the same class counts as the samples of a cell
-    (:func:`class_plan`: class i gets one more while i < n mod K); a plain random draw when
-    ``num_classes`` is 0 (an unconditional model)."""
-    ds = load_dataset(dataset, data_dir=data_dir, split="train", image_size=image_size)
-    images = ds.images if hasattr(ds, "images") else torch.stack([ds[i][0] for i in range(len(ds))])
-    labels = ds.labels if hasattr(ds, "labels") else torch.tensor([ds[i][1] for i in range(len(ds))])
+    (:func:`class_counts`); a plain random draw when ``num_classes`` is 0 (an unconditional model)."""
+    images, labels = dataset_tensors(load_dataset(dataset, data_dir=data_dir, split="train", image_size=image_size))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     if num_classes == 0:
         return images[order[:n]], None
     picks = []
-    for c in range(num_classes):
-        want = n // num_classes + (c < n % num_classes)
+    for c, want in enumerate(class_counts(n, num_classes)):
         mine = order[labels[order] == c][:want]
         if len(mine) < want:
             raise ValueError(f"the {dataset} training split has only {len(mine)} images of class {c}, {want} needed")

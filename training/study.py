@@ -84,9 +84,7 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         pipes, dataset = self._load()
         device = next(iter(pipes.values())).device
-        clf_path = self.classifier or str(default_classifier_path(dataset))
-        clf = load_classifier(clf_path, device=device)
-        inception = load_inception(self.inception_weights, self.inception_download, device)
+        clf_path, clf, inception = self._scorers(dataset, device)
         csv_path = self.out / "results.csv"
         done = {row_key(r) for r in read_rows(csv_path)}
         todo = [c for c in self.plan() if c.key() not in done]
@@ -105,8 +103,7 @@ class Study:
                     and old.get("floor_method") == FLOOR_METHOD and old.get("n_real") == len(real)):
                 meta["floor"] = old["floor"]
             else:
-                meta["floor"] = matched_floor(reference, dataset, self.data_dir, g.num_samples,
-                                              sample_classes(next(iter(pipes.values()))))
+                meta["floor"] = self._floor(reference, dataset, pipes, g.num_samples)
             meta["floor_method"] = FLOOR_METHOD
             meta["floor_n"] = g.num_samples
             meta_path.write_text(json.dumps(meta, indent=2))
@@ -132,16 +129,23 @@ class Study:
             raise ValueError(f"{meta_path} does not exist")
         meta = json.loads(meta_path.read_text())
         pipes, dataset = self._load()
-        device = next(iter(pipes.values())).device
-        clf = load_classifier(self.classifier or str(default_classifier_path(dataset)), device=device)
+        _, clf, inception = self._scorers(dataset, next(iter(pipes.values())).device)
         real = real_test_images(dataset, self.data_dir, meta.get("grid", {}).get("num_real"))
-        reference = Reference.build(real, clf, load_inception(self.inception_weights, self.inception_download, device))
         n = int(meta.get("floor_n") or self.grid.num_samples)
-        k = sample_classes(next(iter(pipes.values())))
-        meta.update(floor=matched_floor(reference, dataset, self.data_dir, n, k), floor_n=n,
+        meta.update(floor=self._floor(Reference.build(real, clf, inception), dataset, pipes, n), floor_n=n,
                     floor_method=FLOOR_METHOD, n_real=len(real))
         meta_path.write_text(json.dumps(meta, indent=2))
         return meta["floor"]
+
+    def _scorers(self, dataset: str, device) -> tuple[str, object, object]:
+        """(classifier path, domain classifier, Inception extractor or None) on ``device``."""
+        clf_path = self.classifier or str(default_classifier_path(dataset))
+        return clf_path, load_classifier(clf_path, device=device), \
+            load_inception(self.inception_weights, self.inception_download, device)
+
+    def _floor(self, reference: Reference, dataset: str, pipes: dict, n: int) -> dict:
+        """The matched real-vs-real floor of ``n``-sample cells (:func:`training.evaluate.matched_floor`)."""
+        return matched_floor(reference, dataset, self.data_dir, n, sample_classes(next(iter(pipes.values()))))
 
     def _meta(self, dataset, pipes, clf_path, clf, inception, device) -> dict:
         g = self.grid

@@ -4,10 +4,11 @@ sample figures, and the merging of study folders that were run apart."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
-from training.study_grid import Cell, Grid, read_rows, row_key
+from training.study_grid import Cell, Grid, append_row, read_rows, row_key
 
 SCORES = ("fid_domain", "kid_domain_mean", "is_domain_mean", "conditional_accuracy", "fid_inception",
           "kid_inception_mean", "is_inception_mean", "images_per_s")
@@ -251,10 +252,6 @@ def merge_studies(sources: list[Path], out: Path) -> int:
     ``out``: their result rows, their per-cell sample rows and their checkpoint entries. All must
     agree on the dataset, the samples per cell, the clipping and the classifier; a cell already in
     ``out`` is kept. Returns the number of rows added. Write the report afterwards."""
-    import shutil
-
-    from training.study_grid import append_row
-
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "study.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
