@@ -13,12 +13,14 @@ from diffusion.checkpoint import CheckpointError, load_model, read_checkpoint, s
 from diffusion.models.model import DiffusionModel, ModelConfig, count_parameters, model_config
 from diffusion.models.text import TextEncoderConfig
 from diffusion.pipeline import Condition, ConditionError, Pipeline, load
+from diffusion.runner import Acceleration, Runner
 from diffusion.samplers import SAMPLERS, get_sampler
-from diffusion.sampling import sample, step_groups
+from diffusion.sampling import sample
 from diffusion.schedules import Schedule, make_schedule, sampling_timesteps
+from diffusion.table import RowRequest
 
 __all__ = [
-    "SAMPLERS", "CheckpointError", "Condition", "ConditionError", "DiffusionModel", "ModelConfig", "Pipeline",
-    "Schedule", "TextEncoderConfig", "count_parameters", "get_sampler", "load", "load_model", "make_schedule",
-    "model_config", "read_checkpoint", "sample", "sampling_timesteps", "save", "step_groups",
+    "SAMPLERS", "Acceleration", "CheckpointError", "Condition", "ConditionError", "DiffusionModel", "ModelConfig",
+    "Pipeline", "RowRequest", "Runner", "Schedule", "TextEncoderConfig", "count_parameters", "get_sampler", "load",
+    "load_model", "make_schedule", "model_config", "read_checkpoint", "sample", "sampling_timesteps", "save",
 ]

@@ -1,13 +1,17 @@
-"""Classifier-free guidance and x̂0 thresholding, per row.
+"""Classifier-free guidance and x̂0 thresholding, per row, in fixed shapes.
 
-- Guidance (Ho & Salimans 2022): ε̄ = (1 + w)·ε(x, t, y) − w·ε(x, t, ∅), w per row. Conditional
-  and unconditional evaluations share ONE forward pass: rows with w > 0 are repeated once with the
-  null condition appended to the batch; rows with w = 0 are evaluated once.
+- Guidance (Ho & Salimans 2022): ε̄ = (1 + w)·ε(x, t, y) − w·ε(x, t, ∅), computed as
+  ε_c + w·(ε_c − ε_u), w per row. Conditional and unconditional evaluations share ONE forward pass:
+  with ``guided`` on, the batch is the rows followed by the same rows under the null condition (2B
+  rows; a row with w = 0 gets ε̄ = ε(x, t, y) exactly); with it off (no row is guided), the B rows
+  alone. No shape depends on tensor values.
 - Thresholding of the implied x̂0 = (x_t − sqrt(1−ᾱ)·ε̄)/sqrt(ᾱ), after which ε̄ is re-derived from
   the thresholded x̂0 so that every sampler sees a plain ε:
     "static":  clamp x̂0 to [−1, 1];
     "dynamic": Imagen (Saharia et al. 2022): s = max(1, percentile p of |x̂0| per sample),
                x̂0 ← clamp(x̂0, −s, s)/s.
+  The percentile needs a per-row sort, so it is computed only when the caller says a row of the
+  batch may use it (``dynamic``); static clipping is a clamp and always applied by mask.
 """
 
 from __future__ import annotations
@@ -32,37 +36,51 @@ def clip_code(mode: str | None) -> int:
     return CLIP_MODES.index(mode)
 
 
-def threshold_eps(eps: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule: Schedule,
-                  clip: torch.Tensor, pct: torch.Tensor) -> torch.Tensor:
-    """Apply each row's x̂0 thresholding (0 none, 1 static, 2 dynamic) and return the implied ε."""
-    if clip is None or not bool((clip > 0).any()):
-        return eps
+def threshold_x0(x0: torch.Tensor, clip: torch.Tensor, pct: torch.Tensor, dynamic: bool) -> torch.Tensor:
+    """Each row's x̂0 thresholded by its mode (0 none, 1 static, 2 dynamic)."""
+    shape = (-1, *([1] * (x0.ndim - 1)))
+    s = torch.ones_like(pct)
+    if dynamic:
+        flat = x0.abs().flatten(1)
+        k = (pct.clamp(0, 1) * (flat.shape[1] - 1)).round().long().unsqueeze(1)
+        q = flat.sort(dim=1).values.gather(1, k).squeeze(1).clamp(min=1.0)
+        s = torch.where(clip == 2, q.to(s.dtype), s)
+    s = s.to(x0.dtype).reshape(shape)
+    clipped = torch.maximum(torch.minimum(x0, s), -s) / s
+    return torch.where((clip > 0).reshape(shape), clipped, x0)
+
+
+def net_inputs(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, null_cond: torch.Tensor | None,
+               guided: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The forward pass's batch: the rows, then (``guided``) the same rows under the null condition."""
+    if not guided:
+        return x, t, cond
+    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond.to(cond.dtype).expand(x.shape[0], -1)])
+
+
+def combine(out_c: torch.Tensor, out_u: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule: Schedule,
+            prediction: str, w: torch.Tensor, clip: torch.Tensor, pct: torch.Tensor, *,
+            dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε̄, x̂0) per row from the network's conditional and unconditional outputs (pass the
+    conditional output twice when no row is guided: ε̄ = ε_c + w·(ε_c − ε_u) is then exactly ε_c)."""
     ab = gather_alpha_bar(schedule, t, x.ndim).to(x.dtype)
+    eps_c = to_eps(prediction, out_c.to(x.dtype), x, ab)
+    eps_u = to_eps(prediction, out_u.to(x.dtype), x, ab)
+    eps = eps_c + w.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * (eps_c - eps_u)
     x0 = eps_to_x0(eps, x, ab)
-    flat = x0.abs().flatten(1)
-    k = (pct.clamp(0, 1) * (flat.shape[1] - 1)).round().long().unsqueeze(1)
-    s = flat.sort(dim=1).values.gather(1, k).squeeze(1).clamp(min=1.0)
-    s = torch.where(clip == 2, s, torch.ones_like(s)).reshape(-1, *([1] * (x.ndim - 1)))
-    x0 = torch.maximum(torch.minimum(x0, s), -s) / s
-    return torch.where((clip > 0).reshape(s.shape), x0_to_eps(x0, x, ab), eps)
+    x0_c = threshold_x0(x0, clip, pct, dynamic)
+    eps = torch.where((clip > 0).reshape(-1, *([1] * (x.ndim - 1))), x0_to_eps(x0_c, x, ab), eps)
+    return eps, x0_c
+
+
+def split(out: torch.Tensor, rows: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conditional and unconditional halves of a forward pass over :func:`net_inputs`'s batch."""
+    return (out[:rows], out[rows:]) if guided else (out, out)
 
 
 def guided_eps(net: Net, schedule: Schedule, prediction: str, x: torch.Tensor, t: torch.Tensor,
-               cond: torch.Tensor | None, null_cond: torch.Tensor | None, w: torch.Tensor | None,
-               clip: torch.Tensor | None = None, pct: torch.Tensor | None = None) -> torch.Tensor:
-    """ε̄ for every row, from one forward pass of ``net``."""
-    b = x.shape[0]
-    g = (w > 0).nonzero().flatten() if (w is not None and cond is not None and null_cond is not None) else None
-    if g is not None and g.numel() > 0:
-        x_all = torch.cat([x, x[g]])
-        t_all = torch.cat([t, t[g]])
-        c_all = torch.cat([cond, null_cond.to(cond.dtype).expand(g.numel(), -1)])
-    else:
-        x_all, t_all, c_all = x, t, cond
-    out = net(x_all, t_all, c_all).to(x.dtype)
-    eps_all = to_eps(prediction, out, x_all, gather_alpha_bar(schedule, t_all, x.ndim).to(x.dtype))
-    eps = eps_all[:b]
-    if g is not None and g.numel() > 0:
-        wg = w[g].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        eps = eps.index_copy(0, g, (1 + wg) * eps[g] - wg * eps_all[b:])
-    return threshold_eps(eps, x, t, schedule, clip, pct)
+               cond: torch.Tensor | None, null_cond: torch.Tensor | None, w: torch.Tensor, clip: torch.Tensor,
+               pct: torch.Tensor, *, guided: bool, dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε̄, x̂0) for every row from one forward pass of ``net``; ``guided`` needs ``cond`` and ``null_cond``."""
+    out_c, out_u = split(net(*net_inputs(x, t, cond, null_cond, guided)), x.shape[0], guided)
+    return combine(out_c, out_u, x, t, schedule, prediction, w, clip, pct, dynamic=dynamic)

@@ -2,8 +2,8 @@
 
 The pipeline owns what every caller needs around the samplers: the device and dtype (bf16 autocast
 on GPU, float32 on CPU), the schedule on that device, turning a request's prompt or class label into
-the model's conditioning vector (with cached prompt embeddings), the null condition, and the
-network call used by :func:`diffusion.sampling.step_groups`.
+the model's conditioning vector (cached per condition), the null condition, the network call, and
+the :class:`diffusion.runner.Runner` that steps rows through it.
 
 Prompts and class labels work on both kinds of model: a class-conditional model accepts a prompt
 that names one of its classes (case-insensitive, e.g. "nine", "sneaker"); a text model accepts a
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from diffusion.checkpoint import load_model
-from diffusion.compiled import BucketedNet
 from diffusion.imaging import to_pil
 from diffusion.models.model import DiffusionModel
+from diffusion.runner import Acceleration, Runner
 from diffusion.samplers import get_sampler
-from diffusion.sampling import initial_noise, make_generators, run_to_end
 from diffusion.schedules import make_schedule
+from diffusion.table import RowRequest
 
 
 class ConditionError(ValueError):
@@ -52,7 +52,8 @@ class Pipeline:
         self.provenance = provenance or {}
         self.schedule = make_schedule(self.cfg.schedule, self.cfg.num_timesteps).to(self.device)
         self.autocast = (bf16 if bf16 is not None else self.device.type == "cuda")
-        self._bucketed: BucketedNet | None = None
+        self._runner: Runner | None = None  # set by accelerate(): generate_rows then goes through it
+        self._cond_cache: dict[Condition, torch.Tensor | None] = {}
         with torch.no_grad():
             self.null_cond = model.null_condition()
 
@@ -99,32 +100,39 @@ class Pipeline:
 
     @torch.no_grad()
     def cond_vector(self, c: Condition) -> torch.Tensor | None:
-        """The conditioning vector [emb_dim] for one condition (prompt embeddings are cached)."""
+        """The conditioning vector [emb_dim] for one condition, computed once per condition (so a
+        request for a known condition costs no host-device round trip)."""
+        if c in self._cond_cache:
+            return self._cond_cache[c]
         if self.null_cond is None:
             return None
         labels = torch.tensor([c.label], device=self.device) if c.label is not None else None
         text = self._text_embedding(c.prompt).unsqueeze(0) if (c.prompt is not None and self.cfg.text) else None
-        return self.model.condition(labels=labels, text_emb=text, batch=1)[0]
+        vec = self.model.condition(labels=labels, text_emb=text, batch=1)[0]
+        if len(self._cond_cache) < 4096:
+            self._cond_cache[c] = vec
+        return vec
 
     # --- the network --------------------------------------------------------------------------
     def net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        if self._bucketed is not None:
-            return self._bucketed(x, t, cond)
-        return self._eager_net(x, t, cond)
-
-    def _eager_net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        # no autocast weight cache: its casts would not survive a CUDA graph capture
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
             return self.model(x, t, cond).float()
 
-    def compile(self, buckets: Sequence[int], mode: str = "default", backend: str = "inductor") -> None:
-        """Run the network through ``torch.compile`` at the given padded batch sizes
-        (:class:`diffusion.compiled.BucketedNet`); every bucket is compiled here, before use."""
-        bucketed = BucketedNet(self._eager_net, buckets, mode, backend)
-        x = torch.zeros(1, *self.cfg.image_shape, device=self.device)
-        t = torch.zeros(1, dtype=torch.long, device=self.device)
-        cond = None if self.null_cond is None else self.null_cond[:1]
-        bucketed.warm_up(x, t, cond)
-        self._bucketed = bucketed
+    def runner(self, capacity: int, max_steps: int | None = None, accel: Acceleration = Acceleration()) -> Runner:
+        """A new :class:`Runner` for this model: up to ``capacity`` rows in flight, plans of up to
+        ``max_steps`` steps (default: the model's T)."""
+        return Runner(self.net, self.schedule, self.cfg.prediction, self.null_cond, self.cfg.image_shape,
+                      capacity=capacity, max_steps=max_steps or self.cfg.num_timesteps, device=self.device,
+                      accel=accel)
+
+    def accelerate(self, capacity: int, accel: Acceleration, max_steps: int | None = None) -> Runner:
+        """Route :meth:`generate_rows` through one long-lived runner, compiled (and its CUDA graphs
+        captured) here, before use. Not for a runner that another thread (the service) drives."""
+        runner = self.runner(capacity, max_steps, accel)
+        runner.warm_up()
+        self._runner = runner
+        return runner
 
     # --- generation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -139,30 +147,38 @@ class Pipeline:
         return self.generate_rows([cond] * num_images, [seed + k for k in range(num_images)], scheduler, steps,
                                   guidance, clip, percentile, spacing, **options)
 
+    def row_request(self, condition: Condition, seed: int, scheduler: str = "ddim", steps: int | None = None,
+                    guidance: float | None = None, clip: str | None = None, percentile: float = 0.995,
+                    spacing: str | None = None, **options) -> RowRequest:
+        """One image in the runner's terms, with the model's defaults filled in."""
+        get_sampler(scheduler)
+        cond = self.cond_vector(condition)
+        guidance = self.cfg.default_guidance if guidance is None else guidance
+        return RowRequest(scheduler, steps or self.cfg.default_steps, int(seed), cond,
+                          guidance=float(guidance) if cond is not None else 0.0, clip=clip or self.cfg.default_clip,
+                          percentile=float(percentile), spacing=spacing, options=options)
+
     @torch.no_grad()
     def generate_rows(self, conditions: Sequence[Condition], seeds: Sequence[int], scheduler: str = "ddim",
                       steps: int | None = None, guidance: float | None = None, clip: str | None = None,
                       percentile: float = 0.995, spacing: str | None = None, **options) -> torch.Tensor:
         """Images [N, C, H, W] for N rows, row i with its own resolved condition and seed, all rows in
-        the same forward passes. Row i is the image that ``generate_tensor`` gives for that condition
-        and seed alone."""
+        the same forward passes (as many at once as the runner holds; rows join as others finish).
+        Row i is the image that ``generate_tensor`` gives for that condition and seed alone."""
         if len(conditions) != len(seeds) or not conditions:
             raise ValueError(f"need one seed per condition, got {len(conditions)} conditions and {len(seeds)} seeds")
-        steps = steps or self.cfg.default_steps
-        clip = clip or self.cfg.default_clip
-        guidance = self.cfg.default_guidance if guidance is None else guidance
-        gens = make_generators(list(seeds), self.device)
-        x_T = initial_noise(gens, tuple(self.cfg.image_shape), self.device)
-        vectors: dict[Condition, torch.Tensor | None] = {}
-        for c in dict.fromkeys(conditions):
-            vectors[c] = self.cond_vector(c)
-        conds = None if self.null_cond is None else torch.stack([vectors[c] for c in conditions])
-        n = len(conditions)
-        state = get_sampler(scheduler).init(self.schedule, x_T, [steps] * n, gens, spacing, cond=conds,
-                                            guidance=guidance if conds is not None else 0.0, clip=clip,
-                                            percentile=percentile, **options)
-        out = run_to_end({scheduler: state}, self.net, self.schedule, self.cfg.prediction, self.null_cond)
-        return out[scheduler].x
+        rows = [self.row_request(c, s, scheduler, steps, guidance, clip, percentile, spacing, **options)
+                for c, s in zip(conditions, seeds)]
+        runner = self._runner if self._runner is not None else self.runner(len(rows), max(r.steps for r in rows))
+        pending, handles, got = list(range(len(rows))), {}, {}
+        while pending or len(runner):
+            if pending and runner.table.free:
+                batch, pending = pending[:runner.table.free], pending[runner.table.free:]
+                handles.update(zip(runner.add([rows[k] for k in batch]), batch))
+            finished = runner.step()
+            if finished:
+                got.update(zip((handles[h] for h in finished), runner.take(finished)))
+        return torch.stack([got[k] for k in range(len(rows))])
 
     def generate(self, prompt: str | None = None, class_label: int | str | None = None, scheduler: str = "ddim",
                  steps: int | None = None, guidance: float | None = None, seed: int | None = None,

@@ -1,6 +1,8 @@
-"""The sampler registry: one algorithm per file, every sampler stateless over a per-row state."""
+"""The sampler registry: one algorithm per file, every sampler stateless over a per-row state.
 
-from diffusion.samplers.base import RowState, Sampler, cat_rows, take_rows
+A row's sampler is stored in the state as its index in this registry (``RowState.kind``)."""
+
+from diffusion.samplers.base import RowState, Sampler
 from diffusion.samplers.ddim import DDIM
 from diffusion.samplers.ddpm import DDPM
 from diffusion.samplers.dpmpp_2m import DPMSolverPP2M
@@ -14,6 +16,7 @@ SAMPLERS: dict[str, Sampler] = {
     "heun": Heun(),
     "dpmpp_2m": DPMSolverPP2M(),
 }
+KINDS: tuple[str, ...] = tuple(SAMPLERS)  # RowState.kind -> sampler name
 
 
 def get_sampler(name: str) -> Sampler:
@@ -23,4 +26,9 @@ def get_sampler(name: str) -> Sampler:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}") from None
 
 
-__all__ = ["SAMPLERS", "RowState", "Sampler", "cat_rows", "get_sampler", "take_rows"]
+def kind_of(name: str) -> int:
+    get_sampler(name)
+    return KINDS.index(name)
+
+
+__all__ = ["KINDS", "SAMPLERS", "RowState", "Sampler", "get_sampler", "kind_of"]

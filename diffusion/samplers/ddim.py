@@ -11,18 +11,11 @@ we follow the paper and diffusers, whose σ is linear in η.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from diffusion.samplers.base import RowState, Sampler, alpha_bar, current_t, row_noise
 from diffusion.prediction import eps_to_x0
+from diffusion.samplers.base import RowState, Sampler, alpha_bar, bcast, current_t
 from diffusion.schedules import Schedule
-
-
-@dataclass
-class DDIMState(RowState):
-    eta: torch.Tensor = None  # [B] float
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, ab_t: torch.Tensor, ab_prev: torch.Tensor,
@@ -41,19 +34,24 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, ab_t: torch.Tensor, ab_prev: t
 
 class DDIM(Sampler):
     name = "ddim"
-    state_cls = DDIMState
+    uses_noise = True  # when η > 0
 
-    def options(self, n, device, eta: float | torch.Tensor = 0.0, **_):
-        return {"eta": torch.as_tensor(eta, dtype=torch.float32, device=device).expand(n).clone()}
+    def needs_noise(self, options):
+        return options["eta"] > 0
 
-    def update(self, schedule: Schedule, state: DDIMState, eps: torch.Tensor) -> DDIMState:
+    def options(self, eta: float = 0.0, **_):
+        if not eta >= 0:
+            raise ValueError(f"ddim's eta must be >= 0, got {eta}")
+        return {"eta": float(eta)}
+
+    def buffers(self, n, image_shape, device):
+        return {"eta": torch.zeros(n, device=device)}
+
+    def update(self, schedule: Schedule, state: RowState, eps: torch.Tensor, noise):
         nd = state.x.ndim
         t, t_prev = current_t(state), current_t(state, 1)
         ab_t, ab_prev = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_prev, nd)
-        stochastic = (state.eta > 0) & (t_prev >= 0)
-        noise = row_noise(state.gens, state.x, stochastic) if bool(stochastic.any()) else None
-        x = ddim_step(state.x, eps, ab_t, ab_prev, state.eta, noise)
-        live = (t >= 0).reshape(-1, *([1] * (nd - 1)))
-        state.x = torch.where(live, x, state.x)
-        state.i = state.i + (t >= 0).long()
-        return state
+        # the last step (to t = -1) has σ = 0 whatever η: ᾱ_prev = 1 makes the σ formula vanish
+        x = ddim_step(state.x, eps, ab_t, ab_prev, state.extra["eta"], noise)
+        live = t >= 0
+        return {"x": torch.where(bcast(live, nd), x, state.x), "i": state.i + live.long()}

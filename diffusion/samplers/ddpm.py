@@ -12,32 +12,28 @@ is exactly Algorithm 2; with fewer it is DDIM with η = 1 (or its "large varianc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from diffusion.samplers.base import RowState, Sampler, alpha_bar, current_t, row_noise
 from diffusion.prediction import eps_to_x0
+from diffusion.samplers.base import RowState, Sampler, alpha_bar, bcast, current_t
 from diffusion.schedules import Schedule
 
 VARIANCES = ("beta_tilde", "beta")
 
 
-@dataclass
-class DDPMState(RowState):
-    large_var: torch.Tensor = None  # [B] bool: σ² = β' instead of β̃
-
-
 class DDPM(Sampler):
     name = "ddpm"
-    state_cls = DDPMState
+    uses_noise = True
 
-    def options(self, n, device, variance: str = "beta_tilde", **_):
+    def options(self, variance: str = "beta_tilde", **_):
         if variance not in VARIANCES:
             raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
-        return {"large_var": torch.full((n,), variance == "beta", dtype=torch.bool, device=device)}
+        return {"large_var": float(variance == "beta")}
 
-    def update(self, schedule: Schedule, state: DDPMState, eps: torch.Tensor) -> DDPMState:
+    def buffers(self, n, image_shape, device):
+        return {"large_var": torch.zeros(n, device=device)}  # 1.0: σ² = β' instead of β̃
+
+    def update(self, schedule: Schedule, state: RowState, eps: torch.Tensor, noise):
         nd, x = state.x.ndim, state.x
         t, t_prev = current_t(state), current_t(state, 1)
         ab_t, ab_prev = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_prev, nd)
@@ -45,12 +41,8 @@ class DDPM(Sampler):
         x0 = eps_to_x0(eps, x, ab_t)
         c0 = (ab_prev.sqrt() * beta / (1 - ab_t)).to(x.dtype)
         ct = ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t)).to(x.dtype)
-        var = torch.where(state.large_var.reshape(beta.shape), beta, (1 - ab_prev) / (1 - ab_t) * beta)
-        stochastic = t_prev >= 0
-        mean = c0 * x0 + ct * x
-        if bool(stochastic.any()):
-            mean = mean + var.sqrt().to(x.dtype) * row_noise(state.gens, x, stochastic)
-        live = (t >= 0).reshape(-1, *([1] * (nd - 1)))
-        state.x = torch.where(live, mean, x)
-        state.i = state.i + (t >= 0).long()
-        return state
+        var = torch.where(bcast(state.extra["large_var"] > 0, nd), beta, (1 - ab_prev) / (1 - ab_t) * beta)
+        var = torch.where(bcast(t_prev >= 0, nd), var, torch.zeros_like(var))  # the last step adds none
+        mean = c0 * x0 + ct * x + var.sqrt().to(x.dtype) * noise
+        live = t >= 0
+        return {"x": torch.where(bcast(live, nd), mean, x), "i": state.i + live.long()}

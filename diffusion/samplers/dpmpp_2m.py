@@ -13,18 +13,11 @@ The step to the clean end (σ = 0, λ = ∞) is first order and returns x̂0 (di
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from diffusion.samplers.base import RowState, Sampler, alpha_bar, current_t
 from diffusion.prediction import eps_to_x0
+from diffusion.samplers.base import RowState, Sampler, alpha_bar, bcast, current_t
 from diffusion.schedules import Schedule
-
-
-@dataclass
-class DPMState(RowState):
-    x0_prev: torch.Tensor = None  # [B, C, H, W] the previous step's data prediction
 
 
 def _lambda(ab: torch.Tensor) -> torch.Tensor:
@@ -33,29 +26,26 @@ def _lambda(ab: torch.Tensor) -> torch.Tensor:
 
 class DPMSolverPP2M(Sampler):
     name = "dpmpp_2m"
-    state_cls = DPMState
 
-    def extra_state(self, x_T):
-        return {"x0_prev": torch.zeros_like(x_T)}
+    def buffers(self, n, image_shape, device):
+        return {"x0_prev": torch.zeros(n, *image_shape, device=device)}  # the previous step's x̂0
 
-    def update(self, schedule: Schedule, state: DPMState, eps: torch.Tensor) -> DPMState:
+    def update(self, schedule: Schedule, state: RowState, eps: torch.Tensor, noise):
         nd, x = state.x.ndim, state.x
         t, t_next, t_last = current_t(state), current_t(state, 1), current_t(state, -1)
         ab_t, ab_next = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_next, nd)
         x0 = eps_to_x0(eps, x, ab_t)
-        final = (t_next < 0).reshape(ab_t.shape)
+        final = bcast(t_next < 0, nd)
         safe_next = torch.where(final, ab_t, ab_next)  # keep λ finite on the final step
         h = _lambda(safe_next) - _lambda(ab_t)
-        has_prev = (state.i > 0).reshape(ab_t.shape)
+        has_prev = bcast(state.i > 0, nd)
         ab_last = alpha_bar(schedule, torch.where(state.i > 0, t_last, t), nd)
         r = torch.where(has_prev, (_lambda(ab_t) - _lambda(ab_last)) / h, torch.ones_like(h))
         c = (1 / (2 * r)).to(x.dtype)
-        D = torch.where(has_prev, (1 + c) * x0 - c * state.x0_prev, x0)
+        D = torch.where(has_prev, (1 + c) * x0 - c * state.extra["x0_prev"], x0)
         x_next = (((1 - safe_next) / (1 - ab_t)).sqrt().to(x.dtype) * x
                   - (safe_next.sqrt() * torch.expm1(-h)).to(x.dtype) * D)
         x_next = torch.where(final, x0, x_next)
-        live = (t >= 0).reshape(ab_t.shape)
-        state.x = torch.where(live, x_next, x)
-        state.x0_prev = torch.where(live, x0, state.x0_prev)
-        state.i = state.i + (t >= 0).long()
-        return state
+        live = t >= 0
+        return {"x": torch.where(bcast(live, nd), x_next, x), "i": state.i + live.long(),
+                "x0_prev": torch.where(bcast(live, nd), x0, state.extra["x0_prev"])}

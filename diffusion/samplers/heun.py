@@ -15,57 +15,47 @@ NFE = 2S − 1. The state keeps x in model space at the current timestep, like e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from diffusion.samplers.base import RowState, Sampler, alpha_bar, current_t
+from diffusion.samplers.base import RowState, Sampler, alpha_bar, bcast, current_t
 from diffusion.schedules import Schedule, gather_sigma, sigma_to_t
-
-
-@dataclass
-class HeunState(RowState):
-    alpha: torch.Tensor = None  # [B] float: Algorithm 3's α (1 = Heun)
-    x_tilde: torch.Tensor = None  # [B, C, H, W] x̃' where the corrector evaluates
-    d: torch.Tensor = None  # [B, C, H, W] d_i saved for the corrector
-    t_mid: torch.Tensor = None  # [B] long: the corrector's timestep t'
 
 
 class Heun(Sampler):
     name = "heun"
-    state_cls = HeunState
     default_spacing = "karras"  # EDM's σ grid: Heun's trapezoid is accurate only with small steps at low σ
 
-    def options(self, n, device, alpha: float | torch.Tensor = 1.0, **_):
-        a = torch.as_tensor(alpha, dtype=torch.float64, device=device).expand(n).clone()
-        if bool(((a <= 0) | (a > 1)).any()):
+    def options(self, alpha: float = 1.0, **_):
+        if not 0 < alpha <= 1:
             raise ValueError("heun's alpha must be in (0, 1]")
-        return {"alpha": a}
+        return {"alpha": float(alpha)}
 
-    def extra_state(self, x_T):
-        return dict(x_tilde=torch.zeros_like(x_T), d=torch.zeros_like(x_T),
-                    t_mid=torch.zeros(x_T.shape[0], dtype=torch.long, device=x_T.device))
+    def buffers(self, n, image_shape, device):
+        return {"alpha": torch.ones(n, dtype=torch.float64, device=device),  # Algorithm 3's α (1 = Heun)
+                "x_tilde": torch.zeros(n, *image_shape, device=device),  # x̃' where the corrector evaluates
+                "d": torch.zeros(n, *image_shape, device=device),  # d_i saved for the corrector
+                "t_mid": torch.zeros(n, dtype=torch.long, device=device)}  # the corrector's timestep t'
 
     def evaluations(self, steps: int) -> int:
         return 2 * steps - 1
 
-    def _corrector_t(self, schedule: Schedule, state: HeunState) -> torch.Tensor:
-        t, t_next = current_t(state), current_t(state, 1)
+    def _corrector_t(self, schedule: Schedule, state: RowState) -> torch.Tensor:
+        t, t_next, alpha = current_t(state), current_t(state, 1), state.extra["alpha"]
         s_t = gather_sigma(schedule, t, 1).flatten()
         s_next = gather_sigma(schedule, t_next, 1).flatten()
-        snapped = sigma_to_t(schedule, s_t + state.alpha * (s_next - s_t))
+        snapped = sigma_to_t(schedule, s_t + alpha * (s_next - s_t))
         snapped = torch.minimum(snapped, t - 1)
         snapped = torch.maximum(snapped, t_next)
-        return torch.where(state.alpha >= 1, t_next, snapped)
+        return torch.where(alpha >= 1, t_next, snapped)
 
-    def query(self, schedule: Schedule, state: HeunState):
-        corr = (state.stage == 1).reshape(-1, *([1] * (state.x.ndim - 1)))
-        ab_mid = alpha_bar(schedule, state.t_mid, state.x.ndim)
-        x_mid = state.x_tilde * ab_mid.sqrt().to(state.x.dtype)
-        return torch.where(corr, x_mid, state.x), torch.where(state.stage == 1, state.t_mid, current_t(state))
+    def query(self, schedule: Schedule, state: RowState):
+        ex, nd = state.extra, state.x.ndim
+        corr = state.stage == 1
+        x_mid = ex["x_tilde"] * alpha_bar(schedule, ex["t_mid"], nd).sqrt().to(state.x.dtype)
+        return torch.where(bcast(corr, nd), x_mid, state.x), torch.where(corr, ex["t_mid"], current_t(state))
 
-    def update(self, schedule: Schedule, state: HeunState, eps: torch.Tensor) -> HeunState:
-        nd, x = state.x.ndim, state.x
+    def update(self, schedule: Schedule, state: RowState, eps: torch.Tensor, noise):
+        nd, x, ex = state.x.ndim, state.x, state.extra
         t, t_next = current_t(state), current_t(state, 1)
         ab_t, ab_next = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_next, nd)
         s_t, s_next = gather_sigma(schedule, t, nd), gather_sigma(schedule, t_next, nd)
@@ -81,20 +71,17 @@ class Heun(Sampler):
         x_tilde_mid = x_tilde + (s_mid - s_t).to(x.dtype) * eps
 
         # Corrector (stage 1; x still holds x_i): combine d_i (saved) and d' = ε at (x̃', t').
-        s_used = gather_sigma(schedule, state.t_mid, nd)
+        s_used = gather_sigma(schedule, ex["t_mid"], nd)
         a_hat = ((s_used - s_t) / (s_next - s_t)).to(x.dtype)
-        x_tilde_next = x_tilde + h * ((1 - 1 / (2 * a_hat)) * state.d + (1 / (2 * a_hat)) * eps)
+        x_tilde_next = x_tilde + h * ((1 - 1 / (2 * a_hat)) * ex["d"] + (1 / (2 * a_hat)) * eps)
         x_next = x_tilde_next * ab_next.sqrt().to(x.dtype)
 
-        b = lambda m: m.reshape(-1, *([1] * (nd - 1)))  # noqa: E731
         finish_pred = live & pred & last
         finish_corr = live & ~pred
-        new_x = torch.where(b(finish_pred), x_euler_end, torch.where(b(finish_corr), x_next, x))
         to_corr = live & pred & ~last
-        state.x_tilde = torch.where(b(to_corr), x_tilde_mid, state.x_tilde)
-        state.d = torch.where(b(to_corr), eps, state.d)
-        state.t_mid = torch.where(to_corr, t_mid, state.t_mid)
-        state.x = new_x
-        state.stage = torch.where(to_corr, torch.ones_like(state.stage), torch.zeros_like(state.stage))
-        state.i = state.i + (finish_pred | finish_corr).long()
-        return state
+        new_x = torch.where(bcast(finish_pred, nd), x_euler_end, torch.where(bcast(finish_corr, nd), x_next, x))
+        return {"x": new_x, "i": state.i + (finish_pred | finish_corr).long(),
+                "stage": to_corr.long(),
+                "x_tilde": torch.where(bcast(to_corr, nd), x_tilde_mid, ex["x_tilde"]),
+                "d": torch.where(bcast(to_corr, nd), eps, ex["d"]),
+                "t_mid": torch.where(to_corr, t_mid, ex["t_mid"])}

@@ -25,11 +25,9 @@ is large). Use dpmpp_2m for few steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from diffusion.samplers.base import RowState, Sampler, alpha_bar, current_t
+from diffusion.samplers.base import RowState, Sampler, alpha_bar, bcast, current_t
 from diffusion.samplers.ddim import ddim_step
 from diffusion.schedules import Schedule
 
@@ -38,83 +36,65 @@ WARMUP_STEPS = 3
 AB = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-@dataclass
-class PNDMState(RowState):
-    hist: torch.Tensor = None  # [B, 3, C, H, W] ε at the starts of the last 3 steps, newest first
-    n_hist: torch.Tensor = None  # [B] long: how many entries of hist are valid
-    xq: torch.Tensor = None  # [B, C, H, W] the point queried at a Runge–Kutta sub-stage
-    acc: torch.Tensor = None  # [B, C, H, W] running (e1 + 2e2 + 2e3 + e4)
-
-
-def _bcast(v: torch.Tensor, nd: int) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (nd - 1)))
-
-
 class PNDM(Sampler):
     name = "pndm"
-    state_cls = PNDMState
     # Its averaged ε is unstable at (near) zero SNR, where x̂0 = (x − sqrt(1−ᾱ)ε)/sqrt(ᾱ) amplifies any
     # mismatch between ε and x by 1/sqrt(ᾱ) (≈ 2·10⁴ at t = T-1 of the clipped cosine schedule). So
     # PNDM starts at σ = 80 (as EDM does; x_T ~ N(0, I) is then exact to a relative 10⁻⁴).
     sigma_max = 80.0
 
-    def extra_state(self, x_T):
-        b = x_T.shape[0]
-        return dict(hist=x_T.new_zeros(b, 3, *x_T.shape[1:]), n_hist=torch.zeros(b, dtype=torch.long, device=x_T.device),
-                    xq=x_T.clone(), acc=torch.zeros_like(x_T))
+    def buffers(self, n, image_shape, device):
+        return {"hist": torch.zeros(n, 3, *image_shape, device=device),  # ε at the last 3 step starts, newest first
+                "n_hist": torch.zeros(n, dtype=torch.long, device=device),  # valid entries of hist
+                "xq": torch.zeros(n, *image_shape, device=device),  # the point queried at a Runge–Kutta sub-stage
+                "acc": torch.zeros(n, *image_shape, device=device)}  # running (e1 + 2e2 + 2e3 + e4)
 
     def evaluations(self, steps: int) -> int:
         rk = min(WARMUP_STEPS, steps - 1)
         return 4 * rk + (steps - rk)
 
     @staticmethod
-    def _runge_kutta(state: PNDMState) -> torch.Tensor:
+    def _runge_kutta(state: RowState) -> torch.Tensor:
         return (state.i < WARMUP_STEPS) & (current_t(state, 1) >= 0)
 
     @staticmethod
-    def _mid(state: PNDMState) -> torch.Tensor:
+    def _mid(state: RowState) -> torch.Tensor:
         return (current_t(state) + current_t(state, 1)) // 2
 
-    def query(self, schedule: Schedule, state: PNDMState):
+    def query(self, schedule: Schedule, state: RowState):
         t, t_next, mid = current_t(state), current_t(state, 1), self._mid(state)
         tq = torch.where(state.stage == 0, t, torch.where(state.stage == 3, t_next, mid))
-        xq = torch.where(_bcast(state.stage == 0, state.x.ndim), state.x, state.xq)
+        xq = torch.where(bcast(state.stage == 0, state.x.ndim), state.x, state.extra["xq"])
         return xq, tq
 
-    def update(self, schedule: Schedule, state: PNDMState, eps: torch.Tensor) -> PNDMState:
-        nd, x = state.x.ndim, state.x
+    def update(self, schedule: Schedule, state: RowState, eps: torch.Tensor, noise):
+        nd, x, ex = state.x.ndim, state.x, state.extra
         t, t_next, mid = current_t(state), current_t(state, 1), self._mid(state)
         ab_t, ab_next, ab_mid = (alpha_bar(schedule, v, nd) for v in (t, t_next, mid))
         live, rk, s = t >= 0, self._runge_kutta(state), state.stage
 
-        # Multistep rows (stage 0, not Runge–Kutta): combine ε with the history, step to t'.
-        order = (state.n_hist + 1).clamp(max=4)
-        e_ms = torch.zeros_like(eps)
-        for k in range(1, 5):
-            sel = order == k
-            if bool(sel.any()):
-                e_k = AB[k][0] * eps
-                for j in range(1, k):
-                    e_k = e_k + AB[k][j] * state.hist[:, j - 1]
-                e_ms = torch.where(_bcast(sel, nd), e_k, e_ms)
+        # Multistep rows (stage 0, not Runge–Kutta): combine ε with the history at the row's order.
+        order = (ex["n_hist"] + 1).clamp(max=4)
+        e_ms = eps
+        for k in range(2, 5):
+            e_k = AB[k][0] * eps
+            for j in range(1, k):
+                e_k = e_k + AB[k][j] * ex["hist"][:, j - 1]
+            e_ms = torch.where(bcast(order == k, nd), e_k, e_ms)
         x_ms = ddim_step(x, e_ms, ab_t, ab_next)
 
         # Runge–Kutta rows, by stage.
-        w = torch.tensor([1.0, 2.0, 2.0, 1.0], device=eps.device, dtype=eps.dtype)[s]
-        acc = torch.where(_bcast(s == 0, nd), torch.zeros_like(eps), state.acc) + _bcast(w, nd) * eps
-        ab_q = torch.where(s <= 1, ab_mid.flatten(), ab_next.flatten()).reshape(ab_t.shape)
+        w = 1.0 + ((s == 1) | (s == 2)).to(eps.dtype)  # Runge–Kutta weights 1, 2, 2, 1 by stage
+        acc = torch.where(bcast(s == 0, nd), torch.zeros_like(eps), ex["acc"]) + bcast(w, nd) * eps
+        ab_q = torch.where(bcast(s <= 1, nd), ab_mid, ab_next)
         xq_new = ddim_step(x, eps, ab_t, ab_q)  # stages 0,1 -> midpoint; stage 2 -> t'
         x_rk = ddim_step(x, acc / 6, ab_t, ab_next)  # stage 3 completes the step
 
         starts = live & (s == 0)  # every step start records ε in the history
         finishing = live & ((~rk & (s == 0)) | (rk & (s == 3)))
-        hist = torch.where(_bcast(starts, nd + 1), torch.cat([eps.unsqueeze(1), state.hist[:, :2]], 1), state.hist)
-        state.n_hist = torch.where(starts, (state.n_hist + 1).clamp(max=3), state.n_hist)
-        state.hist = hist
-        new_x = torch.where(_bcast(rk, nd), x_rk, x_ms)
-        state.x = torch.where(_bcast(finishing, nd), new_x, x)
-        state.xq = torch.where(_bcast(rk & live, nd), xq_new, state.xq)
-        state.acc = acc
-        state.stage = torch.where(finishing | ~live, torch.zeros_like(s), torch.where(rk, s + 1, s))
-        state.i = state.i + finishing.long()
-        return state
+        hist = torch.where(bcast(starts, nd + 1), torch.cat([eps.unsqueeze(1), ex["hist"][:, :2]], 1), ex["hist"])
+        new_x = torch.where(bcast(rk, nd), x_rk, x_ms)
+        return {"x": torch.where(bcast(finishing, nd), new_x, x), "i": state.i + finishing.long(),
+                "stage": torch.where(finishing | ~live, torch.zeros_like(s), torch.where(rk, s + 1, s)),
+                "hist": hist, "n_hist": torch.where(starts, (ex["n_hist"] + 1).clamp(max=3), ex["n_hist"]),
+                "xq": torch.where(bcast(rk & live, nd), xq_new, ex["xq"]), "acc": acc}

@@ -14,3 +14,12 @@ def gaussian_eps_model(schedule, mu: float, s: float):
         return (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * s * s + 1 - ab)
 
     return eps
+
+
+def exact_flow(schedule, mu: float, s: float, x_start, t_start: int):
+    """Where the probability-flow ODE takes ``x_start`` (at timestep ``t_start``) at t = 0⁻ (clean):
+    for Gaussian data every marginal is N(sqrt(ᾱ_t)·μ, ᾱ_t·s² + 1 − ᾱ_t), and the ODE keeps each
+    sample's standardised value ξ, so the exact deterministic sample is μ + s·ξ."""
+    ab = float(schedule.alphas_cumprod[t_start])
+    xi = (x_start - ab ** 0.5 * mu) / (ab * s * s + 1 - ab) ** 0.5
+    return mu + s * xi

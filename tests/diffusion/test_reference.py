@@ -53,8 +53,10 @@ def test_ddpm_step_matches_diffusers_in_distribution(setup):
     """One ancestral step on a 10-step subset: the variance is the same number (σ² = β̃ on the
     subset), and the two outputs differ only by their independent noises: their difference has
     mean ~0 (same posterior mean) and spread sqrt(2·σ²)."""
+    from diffusion import RowRequest
+    from diffusion.noise import gaussian
     from diffusion.samplers import get_sampler
-    from diffusion.sampling import make_generators
+    from diffusion.table import RowTable
 
     sched, model, x_T = setup
     ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
@@ -64,9 +66,12 @@ def test_ddpm_step_matches_diffusers_in_distribution(setup):
     eps = model(x_T, torch.full((64,), t))
     theirs = ref.step(eps, t, x_T, generator=torch.Generator().manual_seed(5)).prev_sample
 
-    state = get_sampler("ddpm").init(sched, x_T.clone(), [10] * 64, make_generators(list(range(64)), "cpu"))
+    table = RowTable(64, (1, 4, 4), 10, sched, None, "cpu")
+    table.add([RowRequest("ddpm", 10, k, x_T=x_T[k]) for k in range(64)])
+    state = table.view(64)
     state.i[:] = 3  # the same step of the same 10-step plan
-    ours = get_sampler("ddpm").update(sched, state, eps).x
+    noise = gaussian(state.seed, torch.full((64,), 99), (1, 4, 4))
+    ours = get_sampler("ddpm").update(sched, state, eps, noise)["x"]
 
     ab_t, ab_p = sched.alphas_cumprod[t], sched.alphas_cumprod[t_prev]
     var = float((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p))

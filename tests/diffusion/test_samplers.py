@@ -1,32 +1,45 @@
 """One conformance suite over every registered sampler, driven by the exact ε of Gaussian data.
 
-For x0 ~ N(μ, s²) the exact ε-predictor is known (tests/diffusion/gaussian.py), so a correct
-sampler must return samples with mean μ and standard deviation s, up to its discretisation error
-(which shrinks with the step count) and the sampling error of the estimate (~s/sqrt(2N), under 1%
-with N = 8000 numbers here)."""
+For x0 ~ N(μ, s²) the exact ε-predictor is known (tests/diffusion/gaussian.py), and so is where the
+probability-flow ODE takes each starting sample (:func:`exact_flow`). So the deterministic samplers
+(ddim, pndm, heun, dpmpp_2m) are checked path by path against that exact map, from the same
+starting noise: their error is pure discretisation error, with no sampling error in it. The
+ancestral samplers (ddpm, ddim η > 0) are checked in distribution, on enough numbers (64,000) that
+the sampling error of the spread is under 0.3 %."""
 
 import pytest
 import torch
 
 from diffusion import SAMPLERS, make_schedule, sample
-from tests.diffusion.gaussian import gaussian_eps_model
+from diffusion.sampling import initial_noise
+from tests.diffusion.gaussian import exact_flow, gaussian_eps_model
 
 MU, S = 0.5, 0.3
 SHAPE = (500, 1, 4, 4)  # 8000 numbers
+DETERMINISTIC = ("ddim", "pndm", "heun", "dpmpp_2m")
 
-# Tolerance on |std/s - 1| at 50 steps, per schedule, above the errors measured with these seeds
-# (cosine: ddim 3.8%, ddpm 8.8%, pndm ~1%, heun 1.4%, dpmpp_2m 0.8%; linear: ddim 8.2%,
-# ddpm 16%, others <= 2%). The first-order methods shrink the spread at coarse steps: DDIM's
-# last step returns E[x0 | x_t] from a noisy x_t, and ancestral DDPM with σ² = β̃ under-disperses
-# at 50 steps (it is within 3% at 1000 steps, below). Second-order methods are within 3%.
-TOL_50 = {
-    "cosine": {"ddim": 0.05, "ddpm": 0.12, "pndm": 0.03, "heun": 0.03, "dpmpp_2m": 0.03},
-    "linear": {"ddim": 0.10, "ddpm": 0.20, "pndm": 0.03, "heun": 0.03, "dpmpp_2m": 0.03},
+# Tolerance on the RMS distance to the exact ODE sample, relative to s, at 50 steps, above the errors
+# measured (cosine: ddim 4.6 %, pndm 0.16 %, heun 0.62 %, dpmpp_2m 0.03 %; linear: ddim 8.9 %,
+# pndm 0.62 %, heun 0.55 %, dpmpp_2m 1.6 %). DDIM is first order; the others are second order or more.
+PATH_TOL_50 = {
+    "cosine": {"ddim": 0.055, "pndm": 0.01, "heun": 0.01, "dpmpp_2m": 0.005},
+    "linear": {"ddim": 0.10, "pndm": 0.01, "heun": 0.01, "dpmpp_2m": 0.02},
 }
+# Ancestral sampling with σ² = β̃ under-disperses at 50 steps (measured -9.5 % cosine, -15.8 % linear;
+# within 3 % at 1000 steps, below).
+SPREAD_TOL_ANCESTRAL_50 = {"cosine": 0.11, "linear": 0.18}
 
 
 def _moments(x):
     return x.mean().item(), x.std().item()
+
+
+def path_error(schedule, name, steps, n=500, **opts):
+    """RMS distance / s between the sampler's output and the exact ODE map of the same noise."""
+    x_T = initial_noise(list(range(n)), (1, 4, 4), "cpu")
+    x = sample(gaussian_eps_model(schedule, MU, S), schedule, (n, 1, 4, 4), name, steps, x_T=x_T, **opts)
+    exact = exact_flow(schedule, MU, S, x_T, SAMPLERS[name].plan(schedule, steps, opts.get("spacing"))[0])
+    return ((x - exact).pow(2).mean().sqrt() / S).item()
 
 
 @pytest.fixture(scope="module", params=["cosine", "linear"])
@@ -38,12 +51,18 @@ def test_registry_has_the_five():
     assert set(SAMPLERS) == {"ddpm", "ddim", "pndm", "heun", "dpmpp_2m"}
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_gaussian_oracle_50_steps(name, schedule):
-    x = sample(gaussian_eps_model(schedule, MU, S), schedule, SHAPE, sampler=name, steps=50, seed=0)
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_samplers_follow_the_exact_ode_at_50_steps(name, schedule):
+    err = path_error(schedule, name, 50)
+    assert err < PATH_TOL_50[schedule.kind][name], (name, err)
+
+
+@pytest.mark.parametrize("name,opts", [("ddpm", {}), ("ddim", {"eta": 1.0})])
+def test_ancestral_samplers_in_distribution_at_50_steps(name, opts, schedule):
+    x = sample(gaussian_eps_model(schedule, MU, S), schedule, (4000, 1, 4, 4), name, 50, seed=0, **opts)
     mean, std = _moments(x)
-    assert abs(mean - MU) < 0.02, (name, mean)
-    assert abs(std / S - 1) < TOL_50[schedule.kind][name], (name, std)
+    assert abs(mean - MU) < 0.005, (name, mean)
+    assert abs(std / S - 1) < SPREAD_TOL_ANCESTRAL_50[schedule.kind], (name, std)
 
 
 def test_ddpm_full_1000_steps():
@@ -53,15 +72,12 @@ def test_ddpm_full_1000_steps():
     assert abs(mean - MU) < 0.02 and abs(std / S - 1) < 0.03, (mean, std)
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "heun"])
+@pytest.mark.parametrize("name", DETERMINISTIC)
 def test_error_shrinks_with_steps(name):
-    """Deterministic solvers converge to the probability-flow ODE's answer, std = s."""
+    """Deterministic solvers converge to the probability-flow ODE's exact answer."""
     sch = make_schedule("linear", 1000)
-    errs = []
-    for steps in (10, 50, 200):
-        _, std = _moments(sample(gaussian_eps_model(sch, MU, S), sch, (200, 1, 4, 4), name, steps, seed=3))
-        errs.append(abs(std / S - 1))
-    assert errs[2] < errs[1] < errs[0] or errs[2] < 0.01, errs
+    errs = [path_error(sch, name, steps, n=100) for steps in (10, 50, 200)]
+    assert errs[2] < errs[1] < errs[0] or errs[2] < 0.003, errs
     assert errs[2] < 0.025, errs
 
 
@@ -113,8 +129,7 @@ def test_same_seed_same_sample_different_seed_differs():
 
 def test_heun_alpha_half_is_midpoint_and_valid():
     sch = make_schedule("cosine")
-    x = sample(gaussian_eps_model(sch, MU, S), sch, SHAPE, "heun", 50, seed=0, alpha=0.5)
-    assert abs(x.std().item() / S - 1) < 0.03
+    assert path_error(sch, "heun", 50, alpha=0.5) < 0.03
     with pytest.raises(ValueError):
         sample(gaussian_eps_model(sch, MU, S), sch, (2, 1, 2, 2), "heun", 5, alpha=0.0)
 
