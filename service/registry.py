@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -51,16 +50,10 @@ class ModelRegistry:
         self.pipelines, self.default = pipelines, default
 
     @classmethod
-    def load(cls, directory: Path, device: torch.device, default: str | None = None, compile: str = "off",
-             buckets: list[int] | None = None, compile_backend: str = "inductor") -> "ModelRegistry":
+    def load(cls, directory: Path, device: torch.device, default: str | None = None) -> "ModelRegistry":
         pipelines = {}
         for path in find_checkpoints(directory):
             pipe = diffusion.load(str(path), device)  # CheckpointError names the bad file
-            if compile != "off":
-                started = time.monotonic()
-                pipe.compile(buckets or [1], mode=compile, backend=compile_backend)
-                log.info("compiled model %s for batch sizes %s (%s) in %.1f s", pipe.name, buckets, compile,
-                         time.monotonic() - started)
             pipelines[pipe.name] = pipe
             log.info("loaded model %s (%s, %s) on %s", pipe.name, pipe.cfg.conditioning,
                      "x".join(map(str, pipe.cfg.image_shape)), device)

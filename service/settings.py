@@ -14,7 +14,9 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from diffusion.compiled import COMPILE_MODES, power_of_two_buckets
+from diffusion import Acceleration
+from diffusion.runner import COMPILE_MODES, power_of_two_buckets
+from service.engine.scheduler import ORDERS, Policy
 
 
 def _split(value):
@@ -35,12 +37,15 @@ class Settings(BaseSettings):
                                       "(default: mnist-text-compact if present, else the first by name)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
 
-    compile: str = Field("off", description="torch.compile the network per bucketed batch size: off | default | "
-                         "reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs; "
-                         "buckets are compiled at start-up, before /readyz turns ready")
+    compile: str = Field("off", description="torch.compile the network and the sampler math (one dynamic-batch "
+                         "compilation, batches padded to buckets): off | default | max-autotune-no-cudagraphs | "
+                         "max-autotune; reduce-overhead means default plus --cuda-graphs. Compiled at start-up, "
+                         "before /readyz turns ready")
+    cuda_graphs: bool = Field(False, description="capture each bucket's whole iteration (sampler math, noise, "
+                              "guidance, network) as a CUDA graph at start-up; CUDA only")
     compile_buckets: Annotated[list[int], NoDecode] = Field(
-        default_factory=list, description="comma-separated padded batch sizes for --compile "
-        "(default: powers of two up to 2 x max_batch_rows, as guided rows run twice)")
+        default_factory=list, description="comma-separated padded row counts for --compile / --cuda-graphs "
+        "(default: powers of two up to max_batch_rows)")
 
     # --- limits --------------------------------------------------------------------------------
     max_batch_rows: int = Field(64, ge=1, le=4096, description="images denoised together per forward pass, per model")
@@ -50,6 +55,18 @@ class Settings(BaseSettings):
     max_steps: int = Field(1000, ge=1, description="steps per request (also at most the model's T)")
     max_prompt_chars: int = Field(300, ge=1, description="prompt length in characters (tokens: the model's own limit)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on shutdown, time for in-flight work to finish")
+
+    # --- latency / throughput ------------------------------------------------------------------
+    admission: str = Field("short-first", description="short-first (latency-sensitive requests go first, "
+                           "with a starvation bound) | fifo")
+    short_request_evaluations: int = Field(25, ge=0, description="requests needing at most this many model "
+                                           "evaluations per image are latency-sensitive (10-step DDIM: 10)")
+    reserve_rows: int = Field(-1, ge=-1, description="rows per model kept for latency-sensitive requests "
+                              "(-1: max_batch_rows / 8)")
+    latency_rows: int = Field(0, ge=0, description="while latency-sensitive rows are in flight, step at most "
+                              "this many rows per iteration (their own always; 0: no cap)")
+    starvation_s: float = Field(30.0, gt=0, description="a request waiting this long is admitted next, "
+                                "whatever its size")
 
     # --- access and operations -----------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -83,8 +100,8 @@ class Settings(BaseSettings):
     @classmethod
     def _compile(cls, value: str) -> str:
         v = value.strip().lower()
-        if v != "off" and v not in COMPILE_MODES:
-            raise ValueError(f"compile must be off or one of {', '.join(COMPILE_MODES)}, got {value!r}")
+        if v not in COMPILE_MODES and v != "reduce-overhead":
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)} or reduce-overhead, got {value!r}")
         return v
 
     @field_validator("compile_buckets")
@@ -93,6 +110,14 @@ class Settings(BaseSettings):
         if any(s < 1 for s in sizes):
             raise ValueError(f"compile bucket sizes must be >= 1, got {sizes}")
         return sorted(set(sizes))
+
+    @field_validator("admission")
+    @classmethod
+    def _admission(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v not in ORDERS:
+            raise ValueError(f"admission must be one of {', '.join(ORDERS)}, got {value!r}")
+        return v
 
     @field_validator("log_level")
     @classmethod
@@ -104,14 +129,28 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.cuda_graphs and self.device == "cpu":
+            raise ValueError("cuda_graphs needs a CUDA device")
         if self.max_images > self.max_batch_rows:
             raise ValueError(f"max_images ({self.max_images}) cannot exceed max_batch_rows ({self.max_batch_rows}): "
                              "a request's images are admitted together")
         return self
 
     def buckets(self) -> list[int]:
-        """The batch sizes compiled when ``compile`` is on."""
-        return self.compile_buckets or list(power_of_two_buckets(2 * self.max_batch_rows))
+        """The padded row counts an accelerated engine runs at."""
+        return [b for b in self.compile_buckets if b <= self.max_batch_rows] or \
+            list(power_of_two_buckets(self.max_batch_rows))
+
+    def acceleration(self, device_type: str) -> Acceleration:
+        """How the engine runs its iterations on this device (CUDA graphs only on CUDA)."""
+        graphs = (self.cuda_graphs or self.compile == "reduce-overhead") and device_type == "cuda"
+        mode = "default" if self.compile == "reduce-overhead" else self.compile
+        return Acceleration(compile=mode, cuda_graphs=graphs, buckets=tuple(self.buckets()))
+
+    def policy(self) -> Policy:
+        reserve = self.max_batch_rows // 8 if self.reserve_rows < 0 else self.reserve_rows
+        return Policy(order=self.admission, short_work=self.short_request_evaluations,
+                      reserve_rows=min(reserve, self.max_batch_rows - 1), starvation_s=self.starvation_s)
 
     def key_values(self) -> list[bytes]:
         return [k.get_secret_value().encode() for k in self.api_keys]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -27,11 +28,17 @@ log = logging.getLogger("service")
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     device = resolve_device(settings.device)
-    registry = await asyncio.to_thread(ModelRegistry.load, settings.checkpoint_dir, device, settings.default_model,
-                                        settings.compile, settings.buckets())
+    registry = await asyncio.to_thread(ModelRegistry.load, settings.checkpoint_dir, device, settings.default_model)
     metrics: Metrics = app.state.metrics
+    accel = settings.acceleration(device.type)
     engine = Engine(registry.pipelines, max_rows=settings.max_batch_rows, max_queue=settings.max_queue,
-                    observer=metrics)
+                    observer=metrics, max_steps=settings.max_steps, accel=accel, policy=settings.policy(),
+                    latency_rows=settings.latency_rows)
+    if accel.padded:  # compile and capture before /readyz turns ready
+        started = time.monotonic()
+        await asyncio.to_thread(engine.warm_up)
+        log.info({"event": "warmed_up", "seconds": round(time.monotonic() - started, 1), "compile": accel.compile,
+                  "cuda_graphs": accel.cuda_graphs, "buckets": list(accel.buckets)})
     metrics.watch(lambda: engine.queue_depth, lambda: engine.rows_in_flight)
     metrics.declare(registry.names(), list(SAMPLERS))
     engine.start()

@@ -5,8 +5,10 @@ The worker loops *schedule → execute → update*:
 1. schedule: the pure :func:`service.engine.scheduler.plan` picks the waiting requests that join
    now and the requests to drop (caller gone, deadline passed);
 2. execute: for each model with rows in flight, ONE forward pass over all of them
-   (:meth:`ModelBatch.step`);
-3. update: finished rows leave at once; a request whose last image is done is answered.
+   (:meth:`ModelBatch.step`), launched without waiting for the device;
+3. update: finished rows leave at once (the host counts evaluations, it never reads the device to
+   learn it); their images travel to the host in the background, and a request whose last image
+   has landed is answered.
 
 Callers (the HTTP layer) only :meth:`Engine.submit` a :class:`GenerationSpec` and wait on the
 returned job's future; :meth:`Job.cancel` makes the engine drop its rows at the next iteration.
@@ -26,10 +28,11 @@ from typing import Protocol
 
 import torch
 
-from service.engine.executor import Model, ModelBatch
+from diffusion import SAMPLERS, Acceleration
+from service.engine.executor import Model, ModelBatch, Retired
 from service.engine.job import (DeadlineExceeded, EngineClosed, GenerationFailed, GenerationResult, GenerationSpec,
                                 Job, QueueFull)
-from service.engine.scheduler import Ticket, plan
+from service.engine.scheduler import Policy, Ticket, plan
 
 log = logging.getLogger("service.engine")
 
@@ -52,9 +55,13 @@ class _NoObserver:
 
 class Engine:
     def __init__(self, models: Mapping[str, Model], *, max_rows: int = 64, max_queue: int = 256,
-                 observer: Observer | None = None, clock=time.monotonic):
-        self.batches = {name: ModelBatch(m) for name, m in models.items()}
+                 observer: Observer | None = None, clock=time.monotonic, max_steps: int | None = None,
+                 accel: Acceleration = Acceleration(), policy: Policy = Policy(), latency_rows: int = 0):
+        self.batches = {name: ModelBatch(m, max_rows, max_steps, accel) for name, m in models.items()}
+        self._retired: list[tuple[str, Retired]] = []  # finished rows whose images are on their way
         self.max_rows, self.max_queue = max_rows, max_queue
+        self.policy = policy
+        self.latency_rows = latency_rows  # >0: while latency-sensitive rows are in flight, step at most this many
         self.observer = observer or _NoObserver()
         self.clock = clock
         self._waiting: deque[Job] = deque()
@@ -110,8 +117,13 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="diffusion-engine", daemon=True)
             self._thread.start()
 
+    def warm_up(self) -> None:
+        """Compile and capture every model's iteration variants (when accelerated), before serving."""
+        for batch in self.batches.values():
+            batch.warm_up()
+
     def _idle(self) -> bool:
-        return not self._waiting and self.rows_in_flight == 0
+        return not self._waiting and self.rows_in_flight == 0 and not self._retired
 
     def _loop(self) -> None:
         while True:
@@ -132,7 +144,7 @@ class Engine:
             running = {job.id: job for b in self.batches.values() for job in b.jobs()}
             waiting = {job.id: job for job in self._waiting}
             decision = plan([_ticket(j, now) for j in self._waiting], [_ticket(j, now) for j in running.values()],
-                            self.max_rows)
+                            self.max_rows, self.policy)
             gone = set(decision.drop_waiting) | set(decision.admit)
             self._waiting = deque(j for j in self._waiting if j.id not in gone)
         for key in decision.drop_waiting:
@@ -149,6 +161,7 @@ class Engine:
         for name, batch in self.batches.items():
             if batch.rows:
                 total += self._step(name, batch)
+        self._collect(block=self.rows_in_flight == 0)
         self.iterations += 1
         return total
 
@@ -156,28 +169,43 @@ class Engine:
         job.admitted_at = self.clock()
         self.observer.queue_wait(job.spec.model, job.admitted_at - job.submitted_at)
         try:
-            self.batches[job.spec.model].admit(job)
+            self.batches[job.spec.model].admit(job, urgent=self.policy.short(_ticket(job, job.admitted_at)))
         except Exception as e:  # a request the model cannot run fails alone
             log.exception("admitting job %s failed", job.id)
             job.finish(error=GenerationFailed(f"could not start generation: {e}"))
 
     def _step(self, name: str, batch: ModelBatch) -> int:
-        start = self.clock()
         try:
-            rows = batch.step()
-            finished = batch.retire()  # reads the done flags: the step's one host synchronisation
+            rows, finished, timings = batch.step(self.latency_rows or None)
+            if finished:
+                self._retired.append((name, batch.retire(finished)))
         except Exception as e:
             log.exception("forward pass of model %s failed; failing its %d rows", name, batch.rows)
             for job in batch.clear():
                 job.finish(error=GenerationFailed(f"generation failed: {type(e).__name__}"))
             return 0
-        end = self.clock()
-        self.observer.forward(name, rows, end - start)
-        for job, k, image in finished:
-            job.images[k] = image
-            if len(job.images) == job.rows:
-                self._complete(job, end)
+        for r, seconds in timings:
+            self.observer.forward(name, r, seconds)
         return rows
+
+    def _collect(self, block: bool) -> None:
+        """Hand landed images to their requests; answer the requests that are complete. ``block``
+        waits for every image in transit (the engine has nothing else to do)."""
+        keep = []
+        for name, retired in self._retired:
+            if block:
+                retired.wait()
+            if not retired.ready():
+                keep.append((name, retired))
+                continue
+            now = self.clock()
+            for (job, k), image in zip(retired.owners, retired.images):
+                if job.future.done():
+                    continue  # cancelled, or already failed
+                job.images[k] = image
+                if len(job.images) == job.rows:
+                    self._complete(job, now)
+        self._retired = keep
 
     def _complete(self, job: Job, now: float) -> None:
         generating = now - job.admitted_at
@@ -202,6 +230,7 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join()
+        self._collect(block=True)  # images already on their way still reach their requests
         leftover = set(self._waiting) | {j for b in self.batches.values() for j in b.clear()}
         self._waiting.clear()
         for job in leftover:
@@ -209,7 +238,8 @@ class Engine:
 
 
 def _ticket(job: Job, now: float) -> Ticket:
-    return Ticket(job.id, job.spec.model, job.rows, cancelled=job.cancelled, expired=job.expired(now))
+    return Ticket(job.id, job.spec.model, job.rows, cancelled=job.cancelled, expired=job.expired(now),
+                  work=SAMPLERS[job.spec.scheduler].evaluations(job.spec.steps), waited_s=now - job.submitted_at)
 
 
 def _give_up(job: Job, now: float) -> None:

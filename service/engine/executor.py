@@ -1,23 +1,25 @@
 """The tensor side of the engine: the rows of one model in flight, and one iteration over them.
 
-Every image in flight is a row of a sampler state (:mod:`diffusion.samplers`); rows are grouped by
-sampler, and beside each group's state lies the list of which request (and which of its images)
-owns each row. :meth:`ModelBatch.step` runs ONE forward pass for every row of the model
-(:func:`diffusion.sampling.step_groups`), whatever their sampler, step, guidance or condition;
-:meth:`ModelBatch.admit`, :meth:`ModelBatch.drop` and :meth:`ModelBatch.retire` add and remove rows
-between iterations. Rows never influence each other, so a request's images do not depend on what
+Every image in flight is a row of the model's :class:`diffusion.Runner` (fixed-capacity buffers on
+the device); beside it lies which request (and which of its images) owns each row.
+:meth:`ModelBatch.step` is ONE forward pass for every row of the model, whatever their sampler,
+step, guidance or condition, with no host synchronisation; :meth:`ModelBatch.admit`,
+:meth:`ModelBatch.drop` and :meth:`ModelBatch.retire` add and remove rows between iterations. The
+host knows which rows finish at each step (the runner counts evaluations), and a finished row's image
+travels to the host as a non-blocking copy that the engine collects once it has landed
+(:class:`Retired`). Rows never influence each other, so a request's images do not depend on what
 else is in flight.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from diffusion.samplers import get_sampler
-from diffusion.samplers.base import RowState, cat_rows, take_rows
-from diffusion.sampling import initial_noise, make_generators, step_groups
+from diffusion import Acceleration, RowRequest, Runner
 
 from service.engine.job import Job
 
@@ -35,78 +37,128 @@ class Model(Protocol):
     def net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor: ...
 
 
+@dataclass
+class Retired:
+    """Finished rows on their way to the host: ``images`` is valid once ``ready()``."""
+    owners: list[tuple[Job, int]]
+    images: torch.Tensor  # [k, C, H, W] on the CPU
+    event: torch.cuda.Event | None = None
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class StepTimer:
+    """Wall time of an iteration on the CPU; on a GPU, CUDA events read back once they have passed
+    (so timing never blocks the engine)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._open: list[tuple[int, object, object]] = []
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def stop(self, rows: int, started) -> list[tuple[int, float]]:
+        """Record the end of an iteration; every (rows, seconds) whose end has passed by now."""
+        if not self.cuda:
+            return [(rows, time.perf_counter() - started)]
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._open.append((rows, started, end))
+        done = []
+        while self._open and self._open[0][2].query():
+            r, a, b = self._open.pop(0)
+            done.append((r, a.elapsed_time(b) / 1000))
+        return done
+
+
 class ModelBatch:
     """All rows in flight for one model."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, capacity: int, max_steps: int | None = None,
+                 accel: Acceleration = Acceleration()):
         self.model = model
-        self.groups: dict[str, RowState] = {}
-        self.owners: dict[str, list[tuple[Job, int]]] = {}  # per group: (job, image index) per row
+        max_steps = min(max_steps or model.schedule.num_timesteps, model.schedule.num_timesteps)
+        self.runner = Runner(model.net, model.schedule, model.cfg.prediction, model.null_cond, model.cfg.image_shape,
+                             capacity=capacity, max_steps=max_steps, device=model.device, accel=accel)
+        self.owners: dict[int, tuple[Job, int]] = {}  # runner handle -> (job, image index)
+        self.timer = StepTimer(torch.device(model.device))
 
     @property
     def rows(self) -> int:
-        return sum(len(o) for o in self.owners.values())
+        return len(self.runner)
+
+    @property
+    def free(self) -> int:
+        return self.runner.table.free
 
     def jobs(self) -> set[Job]:
-        return {job for owners in self.owners.values() for job, _ in owners}
+        return {job for job, _ in self.owners.values()}
+
+    def warm_up(self) -> None:
+        self.runner.warm_up()
 
     @torch.no_grad()
-    def admit(self, job: Job) -> None:
-        """Start a request's rows from their seeded noise; they take part in the next step."""
+    def admit(self, job: Job, urgent: bool = False) -> None:
+        """Start a request's rows from their seeded noise; they take part in the next step.
+        ``urgent`` rows are latency-sensitive: stepped first, whatever the iteration's row limit."""
         spec, m = job.spec, self.model
-        n = spec.num_images
         cond = m.cond_vector(spec.condition)
-        gens = make_generators(list(spec.seeds), m.device)
-        x_T = initial_noise(gens, tuple(m.cfg.image_shape), m.device)
-        conds = cond.unsqueeze(0).expand(n, -1).contiguous() if cond is not None else None
         options = {"eta": spec.eta} if spec.scheduler == "ddim" else {}
-        state = get_sampler(spec.scheduler).init(
-            m.schedule, x_T, [spec.steps] * n, gens, spec.spacing, cond=conds,
-            guidance=spec.guidance if cond is not None else 0.0, clip=spec.clip, percentile=spec.percentile,
-            **options)
-        name = spec.scheduler
-        self.groups[name] = cat_rows([self.groups.get(name), state])
-        self.owners[name] = self.owners.get(name, []) + [(job, k) for k in range(n)]
+        rows = [RowRequest(spec.scheduler, spec.steps, seed, cond, guidance=spec.guidance if cond is not None else 0.0,
+                           clip=spec.clip, percentile=spec.percentile, spacing=spec.spacing, options=options)
+                for seed in spec.seeds]
+        handles = self.runner.add(rows, priority=0 if urgent else 1)
+        self.owners.update((h, (job, k)) for k, h in enumerate(handles))
 
     def drop(self, jobs: set[Job]) -> None:
         """Remove every row of ``jobs``."""
-        for name in list(self.groups):
-            keep = [r for r, (job, _) in enumerate(self.owners[name]) if job not in jobs]
-            self._keep(name, keep)
+        gone = [h for h, (job, _) in self.owners.items() if job in jobs]
+        self.runner.remove(gone)
+        for h in gone:
+            del self.owners[h]
+
+    def progress(self, job: Job) -> tuple[int, int]:
+        """(model evaluations done, needed) of a request in flight (its slowest image)."""
+        done = [self.runner.table.progress(h) for h, (j, _) in self.owners.items() if j is job]
+        return min(d for d, _ in done), max(t for _, t in done)
 
     @torch.no_grad()
-    def step(self) -> int:
-        """One engine iteration for this model: ONE forward pass over all its rows. Returns the rows."""
-        m = self.model
-        self.groups = step_groups(self.groups, m.net, m.schedule, m.cfg.prediction, m.null_cond)
-        return self.rows
+    def step(self, latency_rows: int | None = None) -> tuple[int, list[int], list[tuple[int, float]]]:
+        """One engine iteration for this model: ONE forward pass over its rows (all of them, or with
+        ``latency_rows`` and urgent rows in flight, the urgent ones and bulk ones up to that many).
+        Returns the rows stepped, the handles it finished, and the (rows, seconds) of iterations
+        whose timing is in."""
+        limit = latency_rows if latency_rows and self.runner.table.urgent else None
+        rows = self.rows if limit is None else min(self.rows, max(limit, self.runner.table.urgent))
+        started = self.timer.start()
+        finished = self.runner.step(limit)
+        return rows, finished, self.timer.stop(rows, started)
 
     @torch.no_grad()
-    def retire(self) -> list[tuple[Job, int, torch.Tensor]]:
-        """Take finished rows out at once: (job, image index, final image on the CPU) for each."""
-        out = []
-        for name in list(self.groups):
-            state = self.groups[name]
-            done = get_sampler(name).done(state).cpu()
-            if not bool(done.any()):
-                continue
-            finished = done.nonzero().flatten().tolist()
-            images = state.x[done.to(state.x.device)].float().cpu()
-            out += [(*self.owners[name][r], images[j]) for j, r in enumerate(finished)]
-            self._keep(name, (~done).nonzero().flatten().tolist())
-        return out
+    def retire(self, handles: list[int]) -> Retired:
+        """Take finished rows out at once; their images start their way to the host."""
+        owners = [self.owners.pop(h) for h in handles]
+        images = self.runner.take(handles).float()
+        if images.device.type != "cuda":
+            return Retired(owners, images.cpu())
+        host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+        host.copy_(images, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Retired(owners, host, event)
 
     def clear(self) -> set[Job]:
         jobs = self.jobs()
-        self.groups, self.owners = {}, {}
+        self.runner.table.clear()
+        self.owners = {}
         return jobs
-
-    def _keep(self, name: str, rows: list[int]) -> None:
-        if len(rows) == len(self.owners[name]):
-            return
-        if not rows:
-            del self.groups[name], self.owners[name]
-            return
-        state = self.groups[name]
-        self.groups[name] = take_rows(state, torch.tensor(rows, dtype=torch.long, device=state.x.device))
-        self.owners[name] = [self.owners[name][r] for r in rows]

@@ -190,3 +190,39 @@ def test_same_seed_same_image_alone_or_co_batched(pipelines, model):
     direct = pipe.generate_tensor(prompt="seven", scheduler="dpmpp_2m", steps=6, guidance=2.0, seed=123,
                                   clip="dynamic")
     assert (alone - direct).abs().max() <= 2 / 255
+
+
+def test_a_short_request_overtakes_queued_bulk_work_and_uses_the_reserved_rows():
+    from service.engine.scheduler import Policy
+    fake = FakeModel()
+    eng = Engine({"fake": fake}, max_rows=4, policy=Policy(reserve_rows=1))
+    bulk = [eng.submit(spec(steps=50, n=3, seed=10 * k), 600) for k in range(3)]
+    eng.iterate()
+    assert eng.rows_in_flight == 3  # the fourth row is reserved: the next bulk request waits
+    short = eng.submit(spec(steps=10, scheduler="dpmpp_2m", seed=99), 600)
+    n = 0
+    while not short.future.done():
+        eng.iterate()
+        n += 1
+    assert n == 10 and not any(b.future.done() for b in bulk)  # no wait for a full batch to drain
+    run_until(eng, lambda: all(b.future.done() for b in bulk))
+
+
+def test_latency_rows_cap_an_iteration_while_short_rows_are_in_flight():
+    fake = FakeModel()
+    eng = Engine({"fake": fake}, max_rows=8, latency_rows=3)
+    long = eng.submit(spec(steps=40, n=6), 600)
+    eng.iterate()
+    assert fake.batches[-1] == 6  # no short rows: every row steps
+    short = eng.submit(spec(steps=5, n=2, seed=50), 600)
+    eng.iterate()
+    assert fake.batches[-1] == 3  # the 2 short rows and 1 bulk row; 5 bulk rows wait
+    run_until(eng, short.future.done)
+    eng.iterate()
+    assert fake.batches[-1] == 6
+    run_until(eng, long.future.done)
+    # the paused rows just waited: the images equal an uncapped run's
+    ref = Engine({"fake": FakeModel()}, max_rows=8)
+    again = ref.submit(spec(steps=40, n=6), 600)
+    run_until(ref, again.future.done)
+    torch.testing.assert_close(long.future.result().images, again.future.result().images, rtol=0, atol=0)
