@@ -226,3 +226,21 @@ def test_latency_rows_cap_an_iteration_while_short_rows_are_in_flight():
     again = ref.submit(spec(steps=40, n=6), 600)
     run_until(ref, again.future.done)
     torch.testing.assert_close(long.future.result().images, again.future.result().images, rtol=0, atol=0)
+
+
+def test_an_engine_iteration_makes_at_most_one_host_sync_per_evaluation(pipelines):
+    """Admission included; the steady state makes none (counted by torch.profiler)."""
+    from tests.diffusion.test_step import syncs
+    pipe = pipelines["tiny-digits"]
+    eng = Engine({"tiny-digits": pipe}, max_rows=8)
+    cond = pipe.resolve(class_label=2)
+    pipe.cond_vector(cond)  # a known condition (cached, as after the first request for it)
+    specs = [GenerationSpec("tiny-digits", cond, s, 8, w, (k, k + 1), clip=c)
+             for k, (s, w, c) in enumerate([("ddim", 2.0, "static"), ("heun", 0.0, "dynamic"), ("pndm", 1.0, "none"),
+                                             ("dpmpp_2m", 3.0, "none")])]
+    jobs = []
+    first = syncs(lambda: (jobs.extend(eng.submit(s, 60) for s in specs), eng.iterate()))
+    steady = syncs(lambda: [eng.iterate() for _ in range(5)])
+    assert steady == 0
+    rest = syncs(lambda: run_until(eng, lambda: all(j.future.done() for j in jobs)))
+    assert first + rest <= eng.iterations, (first, rest)
