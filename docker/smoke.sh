@@ -8,13 +8,22 @@
 # --network host, so pip reaches PyPI. torch and torchvision (always from the same build):
 #   - default: TORCH_SPEC='torch torchvision' from https://download.pytorch.org/whl/cpu (no CUDA wheels)
 #   - WHEELHOUSE=/dir/with/wheels TORCH_SPEC='torch==X torchvision==Y': from a local directory of
-#     wheels, served to the build over http://127.0.0.1 (hosts that cannot reach download.pytorch.org).
-# Then: the serve and train images build, the service container becomes ready and healthy,
-# POST /generate returns images (JSON and PNG), /metrics counts them, it runs as non-root.
+#     wheels ALONE (pip --no-index: it must hold torch, torchvision and everything they depend on, e.g.
+#     made by `pip download torch==X torchvision==Y -d DIR`), served to the build over
+#     http://127.0.0.1:$WHEEL_PORT (hosts that cannot reach download.pytorch.org). The port is fixed
+#     (default 18089): it is part of a build argument, and a fixed one keeps the layer cache valid.
+#     The smoke fails unless torch came from that server (or from a cached layer built that way).
+# Then: the serve and train images build, the service container becomes ready and healthy while
+# running as Kubernetes runs it (deploy/k8s: uid 10001, read-only root filesystem, no
+# capabilities, no privilege escalation, a writable /tmp only), POST /generate returns images
+# (JSON and PNG), /metrics counts them.
 #
-# Behind a TLS-intercepting proxy: EXTRA_CA_CERT_FILE=/path/to/proxy-ca.pem (trusted by pip in the build).
-# Knobs (environment): BASE_IMAGE, TORCH_SPEC, TORCH_PIP_ARGS, WHEELHOUSE, PIP_EXTRA_ARGS, EXTRA_CA_CERT_FILE,
-# TAG (default smoke), SMOKE_PORT (default 18000), READY_TIMEOUT (default 300 s), KEEP=1 (leave it running).
+# Behind a TLS-intercepting proxy: EXTRA_CA_CERT_FILE=/path/to/proxy-ca.pem (trusted by pip in the
+# build only). The smoke then checks that neither image carries it: not in `docker history`, not in
+# /usr/local/share/ca-certificates, /etc/ssl/certs or /etc/pip.conf.
+# Knobs (environment): BASE_IMAGE, TORCH_SPEC, TORCH_PIP_ARGS, WHEELHOUSE, WHEEL_PORT, PIP_EXTRA_ARGS,
+# EXTRA_CA_CERT_FILE, TAG (default smoke), SMOKE_PORT (default 18000), READY_TIMEOUT (default 300 s),
+# KEEP=1 (leave it running).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,24 +62,58 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
 fi
 
 # 2. Optional local wheelhouse for torch, served to the build (which runs on the host network).
+WHEEL_PORT=${WHEEL_PORT:-18089}
 if [[ -n "${WHEELHOUSE:-}" ]]; then
-  WHEEL_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  ls "$WHEELHOUSE"/torch-*.whl >/dev/null 2>&1 || { echo "no torch-*.whl in WHEELHOUSE=$WHEELHOUSE" >&2; exit 1; }
   python3 -m http.server "$WHEEL_PORT" --bind 127.0.0.1 --directory "$WHEELHOUSE" >"$WORK/wheels.log" 2>&1 &
   PIDS+=($!)
-  TORCH_PIP_ARGS="--find-links http://127.0.0.1:$WHEEL_PORT/"
-  say "serving $WHEELHOUSE on :$WHEEL_PORT for $TORCH_SPEC"
+  sleep 1
+  kill -0 "${PIDS[-1]}" 2>/dev/null || { cat "$WORK/wheels.log"; echo "cannot serve the wheelhouse on 127.0.0.1:$WHEEL_PORT (set WHEEL_PORT)" >&2; exit 1; }
+  # --no-index: the wheelhouse is the only source; a wheel missing there fails the build.
+  TORCH_PIP_ARGS="--no-index --find-links http://127.0.0.1:$WHEEL_PORT/"
+  say "serving $WHEELHOUSE on :$WHEEL_PORT for $TORCH_SPEC (pip --no-index)"
 fi
 
 # 3. Build both targets (the classic builder builds the stages in file order; BuildKit is optional).
 build() {
+  local t0; t0=$(date +%s)
   docker build --network host -f docker/Dockerfile --target "$1" -t "diffusion-$1:$TAG" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg TORCH_SPEC="$TORCH_SPEC" \
     --build-arg TORCH_PIP_ARGS="$TORCH_PIP_ARGS" --build-arg PIP_EXTRA_ARGS="$PIP_EXTRA_ARGS" --build-arg EXTRA_CA_CERT="$EXTRA_CA_CERT" . \
     >"$WORK/build-$1.log" 2>&1 || { tail -40 "$WORK/build-$1.log"; exit 1; }
+  say "  built in $(($(date +%s) - t0)) s; steps from the layer cache: $(grep -cE 'Using cache|CACHED' "$WORK/build-$1.log" || true)"
 }
 say "building diffusion-serve:$TAG on $BASE_IMAGE"; build serve
 say "building diffusion-train:$TAG"; build train
 docker image ls "diffusion-*:$TAG" --format '  {{.Repository}}:{{.Tag}} {{.Size}}'
+say "torch in the images: $(docker run --rm --entrypoint cat "diffusion-serve:$TAG" /opt/venv/torch-pin.txt | tr '\n' ' ')"
+
+# The wheelhouse was the source of torch: its server handed out the wheels, or the torch layer came
+# from the cache (built by an earlier run, from the same --no-index source).
+if [[ -n "${WHEELHOUSE:-}" ]]; then
+  if grep -qE '"GET /torch-[^ ]+\.whl' "$WORK/wheels.log"; then
+    say "wheelhouse served: $(grep -oE 'GET /[^ ]+\.whl' "$WORK/wheels.log" | sed 's|GET /||' | sort -u | wc -l) wheels, torch among them"
+  elif grep -A1 'RUN if \[ -n "\$TORCH_SPEC" \]' "$WORK/build-serve.log" | grep -qE 'Using cache|CACHED'; then
+    say "torch layer from the layer cache (an earlier build made it from the wheelhouse, --no-index)"
+  else
+    echo "torch was neither fetched from the wheelhouse nor cached" >&2; exit 1
+  fi
+fi
+
+# A build-time CA must not ship: not in the history (build arguments), not in the file system.
+if [[ -n "$EXTRA_CA_CERT" ]]; then
+  probe=$(printf '%s\n' "$EXTRA_CA_CERT" | grep -v -- '-----' | sed -n 2p)   # one line of the key material
+  for image in "diffusion-serve:$TAG" "diffusion-train:$TAG"; do
+    if docker history --no-trunc "$image" | grep -qF -- "$probe"; then
+      echo "$image: the build-time CA is in its docker history" >&2; exit 1
+    fi
+    docker run --rm --user 0 --entrypoint sh "$image" -c "
+      test ! -e /usr/local/share/ca-certificates/extra-ca.crt && test ! -e /etc/pip.conf \
+      && ! grep -rqF -- '$probe' /etc/ssl/certs /usr/local/share/ca-certificates" \
+      || { echo "$image: the build-time CA is in its file system" >&2; exit 1; }
+  done
+  say "build-time CA: in neither image's history nor file system"
+fi
 docker run --rm "diffusion-train:$TAG" --help >"$WORK/train-help.txt" 2>&1 \
   || { cat "$WORK/train-help.txt"; echo "train image: python -m training --help failed" >&2; exit 1; }
 say "train image runs: $(head -1 "$WORK/train-help.txt")"
@@ -90,7 +133,9 @@ save(DiffusionModel(cfg).eval(), "/out/tiny-digits.safetensors", provenance={"pu
 fi
 
 # 5. Run the service container as compose does on a CPU machine, and call it.
+# Hardened as deploy/k8s/base/deployment.yaml runs it: its uid, nothing writable but /tmp.
 docker run -d --name "$NAME" -p "127.0.0.1:$SMOKE_PORT:8000" -e DIFFUSION_DEVICE=cpu "${MOUNT[@]}" \
+  --user 10001:10001 --read-only --tmpfs /tmp -e HOME=/tmp --cap-drop ALL --security-opt no-new-privileges \
   "diffusion-serve:$TAG" >/dev/null
 URL=http://127.0.0.1:$SMOKE_PORT
 say "container $NAME started; waiting for /readyz"

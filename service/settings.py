@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(False, description="include prompts in the request log lines")
     log_level: str = Field("info", description="debug | info | warning | error")
 
+    @field_validator("default_model", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value):
+        """``DIFFUSION_DEFAULT_MODEL=`` (a ConfigMap or env file listing every setting) means the default rule."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("api_keys", "cors_origins", "compile_buckets", mode="before")
     @classmethod
     def _lists(cls, value):

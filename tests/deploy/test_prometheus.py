@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.deploy.helpers import free_port, make_checkpoint, stop, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "diffusion.json"
@@ -30,41 +31,12 @@ SCRAPE_INTERVAL_S = 1
 # several scrape intervals wide (Grafana's $__rate_interval is at least 4 scrape intervals).
 VARIABLES = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "5m", "$model": ".*"}
 
+# The labels Kubernetes service discovery gives a serving pod's series (deploy/k8s).
+POD = {"namespace": "diffusion", "pod": "diffusion-serve-7d9f8c6b5-x2x4q"}
+ADAPTER_VALUES = REPO / "deploy" / "k8s" / "prometheus-adapter" / "values.yaml"
+SCALED_OBJECT = REPO / "deploy" / "k8s" / "overlays" / "keda" / "scaledobject.yaml"
+
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary on PATH (apt-get install prometheus)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
-    """Poll ``check()`` until it returns a truthy value; fail with the process log otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            break
-        try:
-            result = check()
-            if result:
-                return result
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
-    state = f"exited with {proc.returncode}" if proc is not None and proc.poll() is not None else "timed out"
-    pytest.fail(f"{what}: {state}\n{tail}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def dashboard_queries(dashboard: dict) -> list[tuple[str, str]]:
@@ -87,20 +59,6 @@ def substitute(expr: str) -> str:
         expr = expr.replace(name, VARIABLES[name])
     assert "$" not in expr, f"unknown Grafana variable left in {expr!r}"
     return expr
-
-
-def make_checkpoint(directory: Path) -> str:
-    """A tiny class-conditional model, saved the way training saves one. Returns its file stem."""
-    import torch
-
-    from diffusion.checkpoint import save
-    from diffusion.models.model import DiffusionModel, model_config
-
-    torch.manual_seed(0)
-    names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-    cfg = model_config("tiny", (1, 16, 16), num_classes=10, class_names=names, num_timesteps=100, default_steps=4)
-    save(DiffusionModel(cfg).eval(), directory / "tiny-digits.safetensors", provenance={"purpose": "tests/deploy"})
-    return "tiny-digits"
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +88,9 @@ def service(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prometheus(service, tmp_path_factory):
-    """A real Prometheus scraping the service every second (job "diffusion", as in docker/prometheus.yml)."""
+    """A real Prometheus scraping the service every second (job "diffusion", as in docker/prometheus.yml),
+    the target labelled with a namespace and a pod as the ServiceMonitor and deploy/k8s/prometheus/scrape.yaml
+    label theirs."""
     root = tmp_path_factory.mktemp("prometheus")
     target = service["url"].removeprefix("http://")
     config = root / "prometheus.yml"
@@ -138,7 +98,8 @@ def prometheus(service, tmp_path_factory):
         f"global:\n  scrape_interval: {SCRAPE_INTERVAL_S}s\n  scrape_timeout: {SCRAPE_INTERVAL_S}s\n"
         "scrape_configs:\n"
         "  - job_name: diffusion\n"
-        f"    static_configs:\n      - targets: ['{target}']\n")
+        f"    static_configs:\n      - targets: ['{target}']\n"
+        f"        labels: {json.dumps(POD)}\n")  # what Kubernetes discovery attaches
     port = free_port()
     log = root / "prometheus.log"
     with open(log, "wb") as out:
@@ -214,3 +175,35 @@ def test_template_variable_lists_the_model(prometheus, service, traffic):
         metric, label = query.removeprefix("label_values(").removesuffix(")").replace(" ", "").split(",")
         r = httpx.get(f"{prometheus['url']}/api/v1/label/{label}/values", params={"match[]": metric}, timeout=10)
         assert service["model"] in r.json()["data"], (variable["name"], r.json())
+
+
+def adapter_query(rule: dict, series: str) -> str:
+    """The PromQL the Prometheus Adapter sends for ``GET .../namespaces/diffusion/pods/*/<metric>``: its
+    template with the series, the request's label matchers and the pod grouping filled in."""
+    matchers = f'namespace="{POD["namespace"]}",pod=~"{POD["pod"]}"'
+    return (rule["metricsQuery"].replace("<<.Series>>", series).replace("<<.LabelMatchers>>", matchers)
+            .replace("<<.GroupBy>>", "pod"))
+
+
+def test_prometheus_adapter_rules_give_each_pod_its_value(prometheus, traffic):
+    """What the HPA scales on: each adapter rule finds the series and returns one value for the pod."""
+    yaml = pytest.importorskip("yaml")
+    rules = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    assert rules
+    for rule in rules:
+        found = httpx.get(f"{prometheus['url']}/api/v1/series", params={"match[]": rule["seriesQuery"]},
+                          timeout=10).json()["data"]
+        assert found, f"the adapter's seriesQuery finds nothing: {rule['seriesQuery']}"
+        (series,) = {s["__name__"] for s in found}
+        result = instant_query(prometheus["url"], adapter_query(rule, series))
+        assert [r["metric"] for r in result] == [{"pod": POD["pod"]}], (rule["metricsQuery"], result)
+        assert float(result[0]["value"][1]) >= 0
+
+
+def test_keda_triggers_return_the_fleet_total(prometheus, traffic):
+    yaml = pytest.importorskip("yaml")
+    triggers = yaml.safe_load(SCALED_OBJECT.read_text())["spec"]["triggers"]
+    assert {t["type"] for t in triggers} == {"prometheus"}
+    for trigger in triggers:
+        result = instant_query(prometheus["url"], trigger["metadata"]["query"])
+        assert len(result) == 1 and float(result[0]["value"][1]) >= 0, (trigger["name"], result)
