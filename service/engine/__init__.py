@@ -5,7 +5,7 @@ Knows nothing of HTTP; see :mod:`service.engine.engine`.
 
 from service.engine.engine import Engine, Observer
 from service.engine.job import (DeadlineExceeded, EngineClosed, EngineError, GenerationFailed, GenerationResult,
-                                GenerationSpec, Job, QueueFull)
+                                GenerationSpec, Job, Preview, Progress, QueueFull)
 
 __all__ = ["DeadlineExceeded", "Engine", "EngineClosed", "EngineError", "GenerationFailed", "GenerationResult",
-           "GenerationSpec", "Job", "Observer", "QueueFull"]
+           "GenerationSpec", "Job", "Observer", "Preview", "Progress", "QueueFull"]

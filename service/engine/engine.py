@@ -31,7 +31,7 @@ import torch
 from diffusion import SAMPLERS, Acceleration
 from service.engine.executor import Model, ModelBatch, Retired
 from service.engine.job import (DeadlineExceeded, EngineClosed, GenerationFailed, GenerationResult, GenerationSpec,
-                                Job, QueueFull)
+                                Job, Preview, Progress, QueueFull)
 from service.engine.scheduler import Policy, Ticket, plan
 
 log = logging.getLogger("service.engine")
@@ -73,8 +73,9 @@ class Engine:
         self.iterations = 0
 
     # --- the caller's side ------------------------------------------------------------------
-    def submit(self, spec: GenerationSpec, timeout_s: float) -> Job:
-        """Queue a request; raises QueueFull, EngineClosed, or KeyError for an unknown model."""
+    def submit(self, spec: GenerationSpec, timeout_s: float, listener=None) -> Job:
+        """Queue a request; raises QueueFull, EngineClosed, or KeyError for an unknown model.
+        ``listener`` (see :attr:`Job.listener`) receives its progress and previews."""
         if spec.model not in self.batches:
             raise KeyError(spec.model)
         if spec.num_images > self.max_rows:
@@ -84,7 +85,7 @@ class Engine:
                 raise EngineClosed("the service is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(len(self._waiting), self.retry_after_s())
-            job = Job(spec, deadline=self.clock() + timeout_s, submitted_at=self.clock())
+            job = Job(spec, deadline=self.clock() + timeout_s, submitted_at=self.clock(), listener=listener)
             self._waiting.append(job)
             self._cv.notify_all()
         return job
@@ -98,6 +99,14 @@ class Engine:
         """A rough wait before the queue has room: how many waves of the queue at one service time."""
         waves = max(1, len(self._waiting)) / max(1, self.max_rows)
         return max(1, math.ceil(waves * self._service_time_s))
+
+    def position(self, job: Job) -> int | None:
+        """How many requests wait ahead of ``job`` in the queue (None once it is admitted or gone)."""
+        with self._cv:
+            for k, waiting in enumerate(self._waiting):
+                if waiting is job:
+                    return k
+        return None
 
     @property
     def queue_depth(self) -> int:
@@ -177,6 +186,7 @@ class Engine:
     def _step(self, name: str, batch: ModelBatch) -> int:
         try:
             rows, finished, timings = batch.step(self.latency_rows or None)
+            self._report(name, batch)
             if finished:
                 self._retired.append((name, batch.retire(finished)))
         except Exception as e:
@@ -187,6 +197,20 @@ class Engine:
         for r, seconds in timings:
             self.observer.forward(name, r, seconds)
         return rows
+
+    def _report(self, name: str, batch: ModelBatch) -> None:
+        """Progress to the requests that listen, and the previews that are due."""
+        listening = [j for j in batch.jobs() if j.listener is not None]
+        if not listening:
+            return
+        progress = batch.progress()
+        now = self.clock()
+        for job in listening:
+            done, total = progress[job]
+            _tell(job, Progress(done, total, now - job.admitted_at))
+            every = job.spec.preview_every
+            if every and done % every == 0 and done < total:
+                self._retired.append((name, batch.preview(job, done, total)))
 
     def _collect(self, block: bool) -> None:
         """Hand landed images to their requests; answer the requests that are complete. ``block``
@@ -199,6 +223,11 @@ class Engine:
                 keep.append((name, retired))
                 continue
             now = self.clock()
+            if retired.preview is not None:
+                job = retired.owners[0][0]
+                if not job.future.done():
+                    _tell(job, Preview(*retired.preview, retired.images))
+                continue
             for (job, k), image in zip(retired.owners, retired.images):
                 if job.future.done():
                     continue  # cancelled, or already failed
@@ -235,6 +264,13 @@ class Engine:
         self._waiting.clear()
         for job in leftover:
             job.finish(error=EngineClosed("the service shut down before this request finished"))
+
+
+def _tell(job: Job, event) -> None:
+    try:
+        job.listener(event)
+    except Exception:  # a listener's failure is its request's problem, never the engine's
+        log.exception("listener of job %s failed", job.id)
 
 
 def _ticket(job: Job, now: float) -> Ticket:

@@ -43,6 +43,7 @@ class Retired:
     owners: list[tuple[Job, int]]
     images: torch.Tensor  # [k, C, H, W] on the CPU
     event: torch.cuda.Event | None = None
+    preview: tuple[int, int] | None = None  # (done, total): x̂0 of a request in flight, not finished rows
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
@@ -127,10 +128,21 @@ class ModelBatch:
         for h in gone:
             del self.owners[h]
 
-    def progress(self, job: Job) -> tuple[int, int]:
-        """(model evaluations done, needed) of a request in flight (its slowest image)."""
-        done = [self.runner.table.progress(h) for h, (j, _) in self.owners.items() if j is job]
-        return min(d for d, _ in done), max(t for _, t in done)
+    def progress(self) -> dict[Job, tuple[int, int]]:
+        """(model evaluations done, needed) of every request in flight (its slowest image)."""
+        out: dict[Job, tuple[int, int]] = {}
+        for h, (job, _) in self.owners.items():
+            d, t = self.runner.table.progress(h)
+            old = out.get(job)
+            out[job] = (d, t) if old is None else (min(old[0], d), max(old[1], t))
+        return out
+
+    @torch.no_grad()
+    def preview(self, job: Job, done: int, total: int) -> "Retired":
+        """The current x̂0 of a request's images, on its way to the host like finished rows."""
+        handles = sorted((k, h) for h, (j, k) in self.owners.items() if j is job)
+        images = self.runner.table.peek([h for _, h in handles])
+        return self._to_host([(job, k) for k, _ in handles], images, (done, total))
 
     @torch.no_grad()
     def step(self, latency_rows: int | None = None) -> tuple[int, list[int], list[tuple[int, float]]]:
@@ -148,14 +160,17 @@ class ModelBatch:
     def retire(self, handles: list[int]) -> Retired:
         """Take finished rows out at once; their images start their way to the host."""
         owners = [self.owners.pop(h) for h in handles]
-        images = self.runner.take(handles).float()
+        return self._to_host(owners, self.runner.take(handles).float())
+
+    @staticmethod
+    def _to_host(owners, images: torch.Tensor, preview: tuple[int, int] | None = None) -> "Retired":
         if images.device.type != "cuda":
-            return Retired(owners, images.cpu())
+            return Retired(owners, images.cpu(), preview=preview)
         host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
         host.copy_(images, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return Retired(owners, host, event)
+        return Retired(owners, host, event, preview)
 
     def clear(self) -> set[Job]:
         jobs = self.jobs()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 from concurrent.futures import Future, InvalidStateError
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,10 +49,27 @@ class GenerationSpec:
     clip: str = "none"
     percentile: float = 0.995
     spacing: str | None = None
+    preview_every: int = 0  # >0: a preview of x̂0 every this many model evaluations (see Job.listener)
 
     @property
     def num_images(self) -> int:
         return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A request's rows advanced: ``done`` of ``total`` model evaluations (its slowest image)."""
+    done: int
+    total: int
+    elapsed_s: float  # since admission
+
+
+@dataclass(frozen=True)
+class Preview:
+    """The current prediction x̂0 of every image of a request, [N, C, H, W] on the CPU (model space)."""
+    done: int
+    total: int
+    images: torch.Tensor
 
 
 @dataclass
@@ -74,6 +92,9 @@ class Job:
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     images: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Called on the engine's thread with a Progress after every iteration that advanced the request,
+    # and a Preview when one is due (spec.preview_every): it must only hand the event on, never block.
+    listener: Callable[[Progress | Preview], None] | None = None
 
     @property
     def rows(self) -> int:

@@ -244,3 +244,33 @@ def test_an_engine_iteration_makes_at_most_one_host_sync_per_evaluation(pipeline
     assert steady == 0
     rest = syncs(lambda: run_until(eng, lambda: all(j.future.done() for j in jobs)))
     assert first + rest <= eng.iterations, (first, rest)
+
+
+def test_listeners_get_progress_every_iteration_and_previews_when_due():
+    from service.engine import Preview, Progress
+    fake = FakeModel()
+    eng = Engine({"fake": fake})
+    events = []
+    quiet = eng.submit(spec(steps=6, seed=1), 60)
+    job = eng.submit(spec(scheduler="heun", steps=4, n=2, preview_every=3), 60, listener=events.append)
+    assert eng.position(job) == 1 and eng.position(quiet) == 0
+    eng.iterate()
+    assert eng.position(job) is None
+    assert isinstance(events[0], Progress) and (events[0].done, events[0].total) == (1, 7)  # heun 4 steps: 7 NFE
+    run_until(eng, job.future.done)
+    progress = [e for e in events if isinstance(e, Progress)]
+    previews = [e for e in events if isinstance(e, Preview)]
+    assert [p.done for p in progress] == list(range(1, 8))
+    assert [p.done for p in previews] == [3, 6] and previews[0].images.shape == (2, 1, 4, 4)
+    assert events.index(previews[0]) < events.index(progress[3])  # on the CPU a preview lands at once
+    assert torch.isfinite(previews[-1].images).all()
+
+
+def test_a_failing_listener_does_not_hurt_the_engine():
+    eng = Engine({"fake": FakeModel()})
+
+    def bad(event):
+        raise RuntimeError("listener bug")
+    job = eng.submit(spec(steps=3), 60, listener=bad)
+    run_until(eng, job.future.done)
+    assert job.future.result().images.shape == (1, 1, 4, 4)
