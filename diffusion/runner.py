@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusion.guidance import Net
+from diffusion.graphs import CudaGraphs
+from diffusion.guidance import Net, combine, split
 from diffusion.schedules import Schedule
-from diffusion.guidance import combine, split
 from diffusion.step import ALL_KINDS, advance, is_guided, prepare
 from diffusion.table import RowRequest, RowTable
 
@@ -71,7 +71,7 @@ class Acceleration:
 class Runner:
     def __init__(self, net: Net, schedule: Schedule, prediction: str, null_cond: torch.Tensor | None,
                  image_shape: Sequence[int], *, capacity: int, max_steps: int, device: torch.device | str,
-                 accel: Acceleration = Acceleration()):
+                 accel: Acceleration = Acceleration(), capturer=None):
         self.device = torch.device(device)
         if accel.cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -94,8 +94,10 @@ class Runner:
             fn = lambda f, full=True: torch.compile(f, fullgraph=full, dynamic=True, backend=accel.backend, **opts)  # noqa: E731
             self._net = fn(net, full=False)
             self._prepare, self._combine, self._advance = fn(prepare), fn(combine), fn(advance)
-        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
-        self._pool = None
+        self.graphs: dict[tuple[int, bool, bool], object] = {}  # variant -> replay()
+        # capture(fn) -> replay callable; a test may hand in its own to exercise the graph path on a CPU
+        self.capturer = capturer if capturer is not None else (CudaGraphs(self.device) if accel.cuda_graphs else None)
+        self.padded = accel.padded or self.capturer is not None
 
     # --- rows ---------------------------------------------------------------------------------
     def add(self, rows: Sequence[RowRequest], priority: int = 1) -> list[int]:
@@ -132,15 +134,15 @@ class Runner:
         if n == 0:
             return []
         stepped = n if not limit else min(n, max(limit, self.table.urgent))
-        if not self.accel.padded:
+        if not self.padded:
             self._run(stepped, **self.table.flags(stepped))
             b = stepped
         else:
             b = self.bucket(stepped)
             flags = self.table.flags(b)
-            graph = self.graphs.get((b, flags["guided"], flags["dynamic"]))
-            if graph is not None:
-                graph.replay()
+            replay = self.graphs.get((b, flags["guided"], flags["dynamic"]))
+            if replay is not None:
+                replay()
             else:
                 self._run(b, kinds=ALL_KINDS, guided=flags["guided"], dynamic=flags["dynamic"], noise=True)
         self.iterations += 1
@@ -155,29 +157,18 @@ class Runner:
     def warm_up(self) -> None:
         """Compile every variant (and capture its CUDA graph) now, before any request: on the empty
         table, where every slot is inert, so running the iteration changes no row."""
-        if not self.accel.padded:
+        if not self.padded:
             return
         if len(self.table):
             raise RuntimeError("warm up a runner before adding rows")
         for b, guided, dynamic in self.variants():
             kw = dict(kinds=ALL_KINDS, guided=guided, dynamic=dynamic, noise=True)
-            if not self.accel.cuda_graphs:
+            if self.capturer is None:
                 self._run(b, **kw)
-                continue
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compile, allocator and cuBLAS/cuDNN warm-up outside the capture
-                    self._run(b, **kw)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._run(b, **kw)
-            self.graphs[(b, guided, dynamic)] = graph
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            else:
+                self.graphs[(b, guided, dynamic)] = self.capturer.capture(lambda b=b, kw=kw: self._run(b, **kw))
+        if self.capturer is not None:
+            self.capturer.synchronize()
         log.info("runner warmed up: %d variants over buckets %s (compile=%s, cuda_graphs=%s)",
                  len(self.variants()), self.buckets, self.accel.compile, self.accel.cuda_graphs)
 
