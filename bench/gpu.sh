@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The GPU check, as one short script for a session that is lent a GPU through the device tool
-# (15 minutes of device time in all). Prepare on the CPU machine, then run it there:
+# The GPU benchmark (bench/gpu.py) as one command for a session that is lent a GPU through the device
+# tool (15 minutes of device time in all; this script is sized for about 6). Prepare on the CPU machine:
 #
-#   EXTRA="diffusers==0.42.1 regex importlib_metadata zipp" ../shared/device/wheels.sh   # fills .whl/
-#   run: bash bench/gpu.sh          (timeout ~420 s; results come back under $OUT)
+#   EXTRA="diffusers==0.42.1 regex importlib_metadata zipp httpx httpcore h11 anyio sniffio" ../shared/device/wheels.sh
+#   run: bash bench/gpu.sh          (timeout_s ~480; results come back under $OUT)
 #
-# It measures, side by side in one run on the same GPU, the service with 16 concurrent clients
-# eager and under each --compile mode, the same requests one at a time, and the diffusers
-# DDIMScheduler loop around the same weights.
-# Nothing here trains or writes checkpoints.
+# It measures, side by side in one run on the same GPU: this project's runner (eager; compiled with
+# every iteration a CUDA graph), the service over HTTP (one request, saturation, mixed traffic), the
+# same weights in diffusers' DDIMScheduler loop (eager) and as the best a diffusers user can do
+# (compiled, the whole loop one CUDA graph), diffusers' UNet2DModel of the same size both ways, and
+# training images/s against a plain diffusers training step. Commit $OUT/results.{json,md} to
+# bench/results/ and put the figures in the README.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -16,10 +18,18 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
-for size in ${SIZES:-small}; do
-  timeout "${BENCH_TIMEOUT:-300}" python3 -m bench.load --synthetic "$size" --device cuda --clients 16 \
-    --requests "${REQUESTS:-64}" --steps 10,20,30 --max-batch-rows 64 --compile "${MODES:-off,reduce-overhead}" \
-    --json "$OUT/bench-$size.json" 2>&1 | tail -n 12 | tee "$OUT/bench-$size.txt"
-done
+export PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}  # the service reuses the bench's compilations
+PYTHON=${PYTHON:-python3}
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+# MINI=1 DEVICE=cpu: the miniature the CI runs (tests/bench), so this script cannot rot unnoticed
+timeout "${BENCH_TIMEOUT:-420}" "$PYTHON" -m bench.gpu --device "${DEVICE:-cuda}" --sizes "${SIZES:-small,large}" \
+  --phases "${PHASES:-engine,reference,service,train}" --budget-s "${BUDGET_S:-300}" --out "$OUT" \
+  ${MINI:+--mini} 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
+status=${PIPESTATUS[0]}
+cat "$OUT"/service-*.log 2>/dev/null | tail -n 40 > "$OUT/service-tail.log"
+rm -f "$OUT"/service-small.log "$OUT"/service-large.log
+exit "$status"

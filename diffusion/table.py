@@ -80,8 +80,9 @@ class RowTable:
                     raise ValueError(f"two samplers declare the buffer {name!r}")
                 extra[name] = buf
         zeros = lambda dt: torch.zeros(n, dtype=dt, device=dev)  # noqa: E731
+        image = lambda: torch.zeros(n, *self.image_shape, dtype=dtype, device=dev)  # noqa: E731
         self.state = RowState(
-            x=torch.zeros(n, *self.image_shape, dtype=dtype, device=dev), x0=torch.zeros(n, *self.image_shape, dtype=dtype, device=dev),
+            x=image(), x0=image(),
             ts=torch.full((n, self.width), -1, dtype=torch.long, device=dev), i=zeros(torch.long),
             stage=zeros(torch.long), kind=torch.full((n,), -1, dtype=torch.long, device=dev), seed=zeros(torch.long),
             cond=None if cond_dim is None else torch.zeros(n, cond_dim, device=dev), w=zeros(torch.float32),
@@ -158,9 +159,10 @@ class RowTable:
         rows_at = dict(enumerate(self.rows))
         for p in prepared:
             sampler = SAMPLERS[p.req.sampler]
-            rows_at[len(rows_at)] = _Row(next(self._handles), p.kind, guided=p.req.guidance > 0 and p.req.cond is not None,
-                                         dynamic=p.req.clip == "dynamic", noise=sampler.needs_noise(p.opts),
-                                         total=sampler.evaluations(p.req.steps), priority=priority)
+            guided = p.req.guidance > 0 and p.req.cond is not None
+            rows_at[len(rows_at)] = _Row(next(self._handles), p.kind, guided=guided, dynamic=p.req.clip == "dynamic",
+                                         noise=sampler.needs_noise(p.opts), total=sampler.evaluations(p.req.steps),
+                                         priority=priority)
         self._arrange(rows_at)
         return [r.handle for r in list(rows_at.values())[first:]]
 
@@ -172,13 +174,15 @@ class RowTable:
         x_T = gaussian(seeds, torch.zeros_like(seeds), self.image_shape, s.x.dtype)
         given = [j for j, p in enumerate(prepared) if p.req.x_T is not None]
         if given:
-            x_T[given] = torch.stack([prepared[j].req.x_T.to(dev, s.x.dtype) for j in given])
+            x_T.index_copy_(0, self._h2d(torch.tensor(given)), torch.stack([prepared[j].req.x_T.to(dev, s.x.dtype)
+                                                                           for j in given]))
         ts = torch.full((k, self.width), -1, dtype=torch.long)
         for j, p in enumerate(prepared):
             ts[j, :len(p.plan)] = torch.tensor(p.plan)
         host = lambda vals, dt: self._h2d(torch.tensor(vals, dtype=dt))  # noqa: E731
-        values = {"x": x_T, "x0": torch.zeros_like(x_T), "ts": self._h2d(ts), "i": torch.zeros(k, dtype=torch.long, device=dev),
-                  "stage": torch.zeros(k, dtype=torch.long, device=dev), "kind": host([p.kind for p in prepared], torch.long),
+        values = {"x": x_T, "x0": torch.zeros_like(x_T), "ts": self._h2d(ts),
+                  "i": torch.zeros(k, dtype=torch.long, device=dev), "stage": torch.zeros(k, dtype=torch.long, device=dev),
+                  "kind": host([p.kind for p in prepared], torch.long),
                   "seed": seeds, "w": host([float(p.req.guidance) for p in prepared], torch.float32),
                   "clip": host([clip_code(p.req.clip) for p in prepared], torch.long),
                   "pct": host([float(p.req.percentile) for p in prepared], torch.float32)}

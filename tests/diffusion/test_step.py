@@ -10,7 +10,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from diffusion import SAMPLERS, Acceleration, DiffusionModel, Pipeline, RowRequest, Runner, make_schedule, model_config
 from diffusion.step import iterate
-from tests.diffusion.gaussian import gaussian_eps_model
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
 CASES = [("ddim", {}, "none"), ("ddim", {"eta": 0.5}, "none"), ("ddpm", {}, "none"), ("pndm", {}, "none"),

@@ -7,7 +7,6 @@ from pydantic import ValidationError
 
 from diffusion import Acceleration
 from service.engine import Engine, GenerationSpec
-from service.settings import Settings
 
 
 def test_acceleration_settings(make_settings):
