@@ -293,22 +293,28 @@ def fake_mnist(folder: Path, n: int = 4096) -> Path:
     return folder
 
 
-def phase_train(ctx: Ctx, size: str) -> None:
-    data = fake_mnist(ctx.work / "mnist")
-    batch, steps = (16, 6) if ctx.mini else (256, 120 if size == "small" else 60)
-    out = ctx.work / f"train-{size}"
-    cmd = [sys.executable, "-m", "training", "--dataset", "mnist", "--data-dir", str(data), "--model", size,
-           "--batch-size", str(batch), "--max-steps", str(steps), "--log-every", str(max(1, steps // 6)),
-           "--sample-every", "0", "--save-every", "0", "--device", str(ctx.device), "--out", str(out), "--name", "bench"]
+def _train_ours(ctx: Ctx, size: str, batch: int, steps: int, compile: bool) -> None:
+    out = ctx.work / f"train-{size}-{'compiled' if compile else 'eager'}"
+    cmd = [sys.executable, "-m", "training", "--dataset", "mnist", "--data-dir", str(fake_mnist(ctx.work / "mnist")),
+           "--model", size, "--batch-size", str(batch), "--max-steps", str(steps), "--log-every", str(max(1, steps // 6)),
+           "--sample-every", "0", "--save-every", "0", "--device", str(ctx.device), "--out", str(out), "--name", "bench",
+           "--compile", str(compile).lower()]
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=open(ctx.out / f"train-{size}.log", "w"))
+    with open(ctx.out / f"train-{size}.log", "a") as log:
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=log)
     rows = (out / "loss.csv").read_text().splitlines()[2:]  # the first logged interval includes warm-up
     speeds = [float(r.split(",")[3]) for r in rows if r.strip()]
-    ctx.add(phase="train", size=size, what=f"python -m training {size}", batch=batch, steps=steps,
-            images_per_s=statistics.median(speeds) if speeds else None, wall_s=time.perf_counter() - t0)
-    r = ref.diffusers_train_speed("tiny" if size == "tiny" else size, ctx.device, batch, max(3, steps // 2),
-                                  bf16=ctx.cuda)
+    ctx.add(phase="train", size=size, what=f"python -m training {size}{' --compile' if compile else ''}", batch=batch,
+            steps=steps, images_per_s=statistics.median(speeds) if speeds else None, wall_s=time.perf_counter() - t0)
+
+
+def phase_train(ctx: Ctx, size: str) -> None:
+    batch, steps = (16, 6) if ctx.mini else (256, 120 if size == "small" else 60)
+    r = ref.diffusers_train_speed(size, ctx.device, batch, max(3, steps // 2), bf16=ctx.cuda)
     ctx.add(phase="train", size=size, **r)
+    _train_ours(ctx, size, batch, steps, compile=False)
+    if ctx.cuda and ctx.left() > 60:  # compiling the training step takes a minute or more
+        _train_ours(ctx, size, batch, 3 * steps, compile=True)
 
 
 PHASES = {"engine": phase_engine, "reference": phase_reference, "service": phase_service, "train": phase_train}

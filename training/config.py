@@ -47,6 +47,7 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) so early EMA follows the model
     dropout: float | None = None  # None: the size preset's
     bf16: bool | None = None  # None: on when on a GPU
+    compile: bool = False  # torch.compile the network's training step (fused kernels; minutes to compile)
     device: str | None = None  # None: cuda when available
     seed: int = 0
     num_workers: int = 0

@@ -208,6 +208,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # the same parameters: EMA, checkpoints and resume see the plain model
+        net = torch.compile(net)
 
     schedule = make_schedule(cfg.schedule, cfg.num_timesteps)
     alphas_cumprod = schedule.alphas_cumprod.float().to(device)
