@@ -131,6 +131,13 @@ def phase_engine(ctx: Ctx, size: str) -> None:
                     images_per_s=n / s)
             if ctx.left() < 0:
                 return
+        # batch invariance on this device: the same seed alone and among max(rows) others
+        reqs = [pipe.row_request(pipe.resolve(class_label=k % 10), k, "ddim", ctx.steps, guidance=2.0, clip="none")
+                for k in range(max(rows))]
+        alone = runner.run_to_end(runner.add(reqs[:1]))[0]
+        crowd = runner.run_to_end(runner.add(reqs))[0]
+        ctx.add(phase="engine", size=size, mode=mode, what=f"same seed alone vs among {max(rows)} rows",
+                max_abs_diff=(alone - crowd).abs().max().item(), in_pixel_levels=(alone - crowd).abs().max().item() * 127.5)
 
 
 # --- reference --------------------------------------------------------------------------------
