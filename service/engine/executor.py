@@ -55,15 +55,20 @@ class Retired:
 
 class StepTimer:
     """Wall time of an iteration on the CPU; on a GPU, CUDA events read back once they have passed
-    (so timing never blocks the engine)."""
+    (so timing never blocks the engine). The same events bound how far the host runs ahead of the
+    GPU: before launching an iteration it waits until at most ``run_ahead`` are still queued (the
+    host would otherwise queue iterations, admissions and answers far ahead of the work itself)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, run_ahead: int = 3):
         self.cuda = device.type == "cuda"
+        self.run_ahead = run_ahead
         self._open: list[tuple[int, object, object]] = []
 
     def start(self):
         if not self.cuda:
             return time.perf_counter()
+        if len(self._open) >= self.run_ahead:
+            self._open[-self.run_ahead][2].synchronize()
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         return ev
