@@ -1,5 +1,6 @@
 """``create_app(settings)``: the FastAPI application, its lifespan (load models, start the engine;
-on exit stop admitting and drain), its routes, error handlers, CORS and the request log."""
+on exit stop admitting and drain), its routers (native, OpenAI-compatible), error handlers, CORS
+and the request log."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 
 from diffusion import SAMPLERS
+from service.api import openai_api
 from service.api.errors import http_error, validation_error
 from service.api.middleware import RequestLog
 from service.api.openapi import add_models
 from service.api.routes import router
 from service.engine import Engine
 from service.metrics import Metrics
+from service.openai_schemas import STREAM_EVENTS as OPENAI_STREAM_EVENTS
 from service.registry import ModelRegistry, resolve_device
 from service.schemas import STREAM_EVENTS
 from service.settings import Settings
@@ -64,9 +67,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.registry = app.state.engine = None
     app.include_router(router)
+    app.include_router(openai_api.router)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
-    add_models(app, list(STREAM_EVENTS.values()))
+    add_models(app, [*STREAM_EVENTS.values(), *OPENAI_STREAM_EVENTS.values()])
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
