@@ -1,6 +1,6 @@
 """``create_app(settings)``: the FastAPI application, its lifespan (load models, start the engine;
-on exit stop admitting and drain), its routers (native, OpenAI-compatible), error handlers, CORS
-and the request log."""
+on exit stop admitting and drain), its routers (native, OpenAI-compatible, playground), error
+handlers, CORS and the request log."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 
 from diffusion import SAMPLERS
-from service.api import openai_api
+from service.api import openai_api, playground
 from service.api.errors import http_error, validation_error
 from service.api.middleware import RequestLog
 from service.api.openapi import add_models
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = app.state.engine = None
     app.include_router(router)
     app.include_router(openai_api.router)
+    app.include_router(playground.router)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     add_models(app, [*STREAM_EVENTS.values(), *OPENAI_STREAM_EVENTS.values()])
