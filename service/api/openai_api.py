@@ -79,7 +79,8 @@ async def images_generations(req: ImageGenerationRequest, request: Request, sett
     """OpenAI's image generation: `client.images.generate(prompt=..., model=..., n=..., size=...)`. This
     service's sampling fields (scheduler, steps, guidance, seed, …) go in the body too (`extra_body`)."""
     info = request.state.log
-    info.update(model=req.model or registry.default, scheduler=req.scheduler, images=req.n or 1, api="openai")
+    model = registry.default if req.model is None else req.model if req.model in registry else "unknown"
+    info.update(model=model, scheduler=req.scheduler, images=req.n or 1, api="openai")  # labels: known names only
     if settings.log_prompts:
         info.update(prompt=req.prompt)
     body, size = native(req, registry)

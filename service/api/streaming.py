@@ -140,12 +140,10 @@ async def follow(engine: Engine, job: Job, buffer: EventBuffer, request: Request
     quiet_since = loop.time()
     try:
         yield Queued(position or 0)  # always first; 0 too once admitted
-        while True:
+        while not gone.done():
             item = buffer.pop()
             now = loop.time()
             if item is None:
-                if gone.done():
-                    return
                 if now >= end:
                     yield Failed(504, f"deadline of {timeout_s:g} s passed")
                     return

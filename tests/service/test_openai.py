@@ -112,10 +112,13 @@ def test_a_clear_message_names_the_models_size(client):
         client.images.generate(prompt="nine", size="512x512")
 
 
-def test_unknown_model_is_not_found(client):
+def test_unknown_model_is_not_found(client, server):
     with pytest.raises(openai.NotFoundError) as caught:
         client.images.generate(prompt="nine", model="dall-e-3")
     assert caught.value.code == "model_not_found" and "tiny-digits" in caught.value.message
+    metrics = httpx.get(server + "/metrics").text
+    assert "dall-e-3" not in metrics  # a client's string is never a metric label
+    assert 'diffusion_requests_total{model="unknown",scheduler="ddim",status="404"}' in metrics
 
 
 def test_api_keys_as_bearer_tokens(checkpoint_dir):

@@ -122,6 +122,23 @@ def test_a_deadline_inside_the_stream_is_an_error_event(make_settings):
     serve(make_settings(request_timeout_s=0.05), body)
 
 
+def test_queued_events_tell_the_position_in_the_queue(make_settings):
+    async def body(app, client):
+        engine = app.state.engine
+        long = {"class_label": 1, "scheduler": "ddpm", "steps": 60, "seed": 0}
+        running = asyncio.ensure_future(client.post("/generate", json=long))
+        await until(lambda: engine.rows_in_flight == 1, "first request admitted")
+        first = asyncio.ensure_future(client.post("/generate", json={**long, "stream": True}))
+        await until(lambda: engine.queue_depth == 1, "second request queued")
+        second = await client.post("/generate", json={**long, "stream": True})
+        events = parse_sse(second.text)
+        positions = [d["position"] for n, d in events if n == "queued"]
+        assert positions[0] == 1 and positions == sorted(positions, reverse=True)
+        assert events[-1][0] == "done" and [n for n, _ in events].count("progress") == 60
+        assert (await first).status_code == 200 and (await running).status_code == 200
+    serve(make_settings(max_batch_rows=1, max_images=1), body)
+
+
 def test_a_slow_reader_drops_previews_never_progress(make_settings):
     """The reader takes the first event and then stalls until the job is done: the buffer keeps every
     progress event and the result, and only the newest previews (preview_buffer of them)."""
