@@ -3,7 +3,9 @@ or the settings, each failure naming its field. Also the model descriptions of G
 
 from __future__ import annotations
 
+import math
 import secrets
+from typing import NamedTuple
 
 from diffusion import SAMPLERS, ConditionError, Pipeline
 from diffusion.schedules import sampling_timesteps
@@ -34,7 +36,22 @@ def model_name(req: GenerateRequest, registry: ModelRegistry) -> str:
     return name
 
 
-def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings) -> GenerationSpec:
+class Prepared(NamedTuple):
+    spec: GenerationSpec
+    previews: frozenset[int]  # the model evaluations (done counts) whose previews a stream sends
+
+
+def preview_points(total: int, every: int | None, fractions: list[float] | None, minimum: int) -> frozenset[int]:
+    """When to preview a request of ``total`` model evaluations: every ``every``, or at ``fractions`` of
+    the work rounded to multiples of ``minimum``; never at the end (the result itself comes then)."""
+    if every:
+        points = range(every, total, every)
+    else:
+        points = (max(minimum, int(f * total / minimum + 0.5) * minimum) for f in fractions or ())
+    return frozenset(p for p in points if p < total)
+
+
+def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings, stream: bool = False) -> Prepared:
     """Validate ``req`` against its model and the service limits; raise FieldErrors or UnknownModel."""
     name = model_name(req, registry)
     pipe = registry[name]
@@ -50,6 +67,9 @@ def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings) -
                                pipe.schedule)
         except ValueError as e:
             errors.append(("spacing" if req.spacing else "steps", str(e), "value_error"))
+    if req.guidance is not None and req.guidance > settings.max_guidance:
+        errors.append(("guidance", f"must be at most {settings.max_guidance:g}", "less_than_equal"))
+    errors += _preview_errors(req, stream, settings.min_preview_every)
     if req.num_images > settings.max_images:
         errors.append(("num_images", f"must be at most {settings.max_images}", "less_than_equal"))
     if req.eta is not None and req.scheduler != "ddim":
@@ -65,12 +85,29 @@ def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings) -
     if errors:
         raise FieldErrors(errors)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    return GenerationSpec(
+    points = preview_points(SAMPLERS[req.scheduler].evaluations(steps), req.preview_every, req.preview_at,
+                            settings.min_preview_every) if stream else frozenset()
+    spec = GenerationSpec(
         model=name, condition=condition, scheduler=req.scheduler, steps=steps,
         guidance=float(req.guidance if req.guidance is not None else cfg.default_guidance),
         seeds=tuple(seed + k for k in range(req.num_images)), eta=float(req.eta or 0.0),
         clip=req.clip or cfg.default_clip,
-        percentile=float(req.percentile), spacing=req.spacing)
+        percentile=float(req.percentile), spacing=req.spacing,
+        preview_every=math.gcd(*points))  # the engine previews at every multiple; the stream keeps the points
+    return Prepared(spec, points)
+
+
+def _preview_errors(req: GenerateRequest, stream: bool, minimum: int) -> list[tuple[str, str, str]]:
+    asked = [f for f in ("preview_every", "preview_at") if getattr(req, f) is not None]
+    if asked and not stream:
+        return [(f, "applies to streamed requests only (\"stream\": true or Accept: text/event-stream)",
+                 "value_error") for f in asked]
+    if len(asked) == 2:
+        return [("preview_at", "give preview_every or preview_at, not both", "value_error")]
+    if req.preview_every is not None and req.preview_every < minimum:
+        return [("preview_every", f"must be at least {minimum} model evaluations (the service's "
+                 "min_preview_every)", "greater_than_equal")]
+    return []
 
 
 def describe(name: str, pipe: Pipeline, default: bool) -> ModelInfo:

@@ -41,6 +41,10 @@ class Metrics:
         self.forward_s = Histogram("diffusion_forward_duration_seconds", "One engine iteration of a model: "
                                    "forward pass and sampler updates", ["model"], buckets=FORWARD_BUCKETS, registry=r)
         self.images_total = Counter("diffusion_images_generated_total", "Images returned", ["model"], registry=r)
+        self.streams = Counter("diffusion_streamed_requests_total", "Generation requests answered as a "
+                               "Server-Sent Event stream", ["model"], registry=r)
+        self.previews_total = Counter("diffusion_previews_total", "Streamed previews: sent, or dropped because "
+                                      "the client read too slowly", ["model", "outcome"], registry=r)
         self.depth = Gauge("diffusion_queue_depth", "Requests waiting for rows", registry=r)
         self.depth.set_function(queue_depth)
         self.in_flight = Gauge("diffusion_rows_in_flight", "Images being denoised", registry=r)
@@ -58,6 +62,9 @@ class Metrics:
             self.batch_rows.labels(m)
             self.forward_s.labels(m)
             self.images_total.labels(m)
+            self.streams.labels(m)
+            for outcome in ("sent", "dropped"):
+                self.previews_total.labels(m, outcome)
             for s in schedulers:
                 self.duration.labels(m, s)
 
@@ -74,10 +81,20 @@ class Metrics:
 
     # --- the HTTP layer ---------------------------------------------------------------------------
     def request(self, model: str, scheduler: str, status: int, seconds: float | None = None) -> None:
-        """One finished /generate request; ``status`` is its HTTP status code."""
+        """One finished generation request (/generate, /v1/images/generations); ``status`` is its HTTP
+        status code (200 for a stream, whatever its last event)."""
         self.requests.labels(model, scheduler, str(status)).inc()
         if seconds is not None and status == 200:
             self.duration.labels(model, scheduler).observe(seconds)
+
+    def streamed(self, model: str) -> None:
+        self.streams.labels(model).inc()
+
+    def previews(self, model: str, sent: int = 0, dropped: int = 0) -> None:
+        if sent:
+            self.previews_total.labels(model, "sent").inc(sent)
+        if dropped:
+            self.previews_total.labels(model, "dropped").inc(dropped)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,7 +6,7 @@ checked after parsing, in :mod:`service.generation`, and reported in the same 42
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -18,32 +18,48 @@ SchedulerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 MAX_SEED = 2**53  # exact in every JSON client (JavaScript numbers)
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"prompt": "nine", "scheduler": "ddim", "steps": 50, "seed": 0},
-                     {"class_label": 7, "scheduler": "dpmpp_2m", "steps": 20, "guidance": 3.0, "num_images": 4}]})
+class Sampling(BaseModel):
+    """How to sample: the fields the native API and the OpenAI-compatible one share."""
+    model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, description="Text. A class-conditional model accepts a prompt that names one "
-                               "of its classes (\"nine\", \"Sneaker\", case-insensitive).")
-    class_label: StrictInt | StrictStr | None = Field(None, description="Class index or class name. A text model "
-                                          "turns it into its class name and uses that as the prompt.")
-    model: str | None = Field(None, description="Model name (see GET /models); default: the service's default model.")
     scheduler: SchedulerName = Field("ddim", description="Sampler.")
     steps: int | None = Field(None, strict=True, ge=1, description="Denoising steps, 1 … the model's T "
                               "(and the service's limit); default: the model's.")
     guidance: float | None = Field(None, strict=True, ge=0, allow_inf_nan=False,
-                                   description="Classifier-free guidance rate w ≥ 0; default: the model's.")
+                                   description="Classifier-free guidance rate w ≥ 0 (at most the service's "
+                                   "max_guidance); default: the model's.")
     eta: float | None = Field(None, strict=True, ge=0, allow_inf_nan=False,
                               description="DDIM only: 0 deterministic, 1 ancestral. Default 0.")
     seed: int | None = Field(None, strict=True, ge=0, le=MAX_SEED, description="Image k uses seed + k; "
                              "default: random. The seeds used are always returned.")
-    num_images: int = Field(1, strict=True, ge=1, description="Images for this request (1 … the service's limit).")
     clip: Literal[CLIP_MODES] | None = Field(None, description="x̂0 thresholding at every step: none, "  # type: ignore[valid-type]
                                              "static ([-1, 1]) or dynamic (Imagen); default: the model's.")
     percentile: float = Field(0.995, strict=True, gt=0, le=1, allow_inf_nan=False,
                               description="Dynamic thresholding percentile.")
     spacing: Literal[SPACINGS] | None = Field(None, description="Timestep spacing; default: the "  # type: ignore[valid-type]
                                                "sampler's own (trailing, from σ = 80 for pndm; karras for heun).")
+
+
+class GenerateRequest(Sampling):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"prompt": "nine", "scheduler": "ddim", "steps": 50, "seed": 0},
+                     {"class_label": 7, "scheduler": "dpmpp_2m", "steps": 20, "guidance": 3.0, "num_images": 4},
+                     {"prompt": "nine", "steps": 20, "stream": True, "preview_every": 5}]})
+
+    prompt: str | None = Field(None, description="Text. A class-conditional model accepts a prompt that names one "
+                               "of its classes (\"nine\", \"Sneaker\", case-insensitive).")
+    class_label: StrictInt | StrictStr | None = Field(None, description="Class index or class name. A text model "
+                                          "turns it into its class name and uses that as the prompt.")
+    model: str | None = Field(None, description="Model name (see GET /models); default: the service's default model.")
+    num_images: int = Field(1, strict=True, ge=1, description="Images for this request (1 … the service's limit).")
+    stream: bool = Field(False, strict=True, description="Answer with Server-Sent Events (queued, progress, "
+                         "preview, done, error) instead of one JSON body; so does `Accept: text/event-stream`.")
+    preview_every: int | None = Field(None, strict=True, ge=1, description="Streamed requests: a preview (x̂0 of "
+                                      "every image as PNG) every this many model evaluations (at least the "
+                                      "service's min_preview_every).")
+    preview_at: list[Annotated[float, Field(strict=True, gt=0, lt=1)]] | None = Field(
+        None, max_length=16, description="Streamed requests: previews at these fractions of the work (0 < f < 1), "
+        "rounded to multiples of the service's min_preview_every; instead of preview_every.")
 
 
 class Timings(BaseModel):
@@ -93,3 +109,30 @@ class ErrorItem(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: list[ErrorItem] | str
+
+
+# --- the events of a streamed /generate (text/event-stream; each event's data is one of these, as JSON) ---
+
+class QueuedEvent(BaseModel):
+    position: int = Field(description="Requests waiting ahead of this one (0 once it runs).")
+
+
+class ProgressEvent(BaseModel):
+    done: int = Field(description="Model evaluations done (of the request's slowest image).")
+    total: int = Field(description="Model evaluations needed: steps (heun 2·steps−1, pndm steps+9).")
+    elapsed_s: float = Field(description="Since the request joined the running batch.")
+
+
+class PreviewEvent(BaseModel):
+    done: int
+    total: int
+    images: list[str] = Field(description="Base64 PNGs of the current prediction x̂0 of each image.")
+
+
+class StreamError(BaseModel):
+    detail: list[ErrorItem] | str
+    status: int = Field(description="The HTTP status this error would have had before the stream began.")
+
+
+STREAM_EVENTS = {"queued": QueuedEvent, "progress": ProgressEvent, "preview": PreviewEvent,
+                 "done": GenerateResponse, "error": StreamError}

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     max_images: int = Field(8, ge=1, description="num_images per request")
     max_steps: int = Field(1000, ge=1, description="steps per request (also at most the model's T)")
     max_prompt_chars: int = Field(300, ge=1, description="prompt length in characters (tokens: the model's own limit)")
+    max_guidance: float = Field(30.0, ge=0, allow_inf_nan=False, description="classifier-free guidance rate w "
+                                "per request, at most")
+    min_preview_every: int = Field(2, ge=1, description="streamed previews are at least this many model "
+                                   "evaluations apart (a smaller preview_every is refused)")
+    preview_buffer: int = Field(2, ge=1, description="previews waiting for a slow streaming client; a newer "
+                                "one pushes out the oldest (progress and results are never dropped)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on shutdown, time for in-flight work to finish")
 
     # --- latency / throughput ------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """``create_app(settings)``: the FastAPI application, its lifespan (load models, start the engine;
-on exit stop admitting and drain), error handlers, CORS and the request log."""
+on exit stop admitting and drain), its routers (native, OpenAI-compatible, playground), error
+handlers, CORS and the request log."""
 
 from __future__ import annotations
 
@@ -8,17 +9,22 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from diffusion import SAMPLERS
+from service.api import openai_api, playground
+from service.api.errors import http_error, validation_error
 from service.api.middleware import RequestLog
+from service.api.openapi import add_models
 from service.api.routes import router
 from service.engine import Engine
 from service.metrics import Metrics
+from service.openai_schemas import STREAM_EVENTS as OPENAI_STREAM_EVENTS
 from service.registry import ModelRegistry, resolve_device
+from service.schemas import STREAM_EVENTS
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -52,44 +58,6 @@ async def lifespan(app: FastAPI):
         await asyncio.to_thread(engine.shutdown, settings.shutdown_grace_s)
 
 
-def _field(loc) -> str:
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] == "body" else [str(p) for p in loc]
-    return ".".join(parts) or "body"
-
-
-async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each field and its reason (malformed JSON included); never echoes the input."""
-    items = []
-    for err in exc.errors():
-        loc = list(err.get("loc", ()))
-        msg, kind = err.get("msg", "invalid"), err.get("type", "value_error")
-        if kind == "json_invalid":  # loc is ["body", character offset]
-            reason = (err.get("ctx") or {}).get("error", "")
-            loc, msg = ["body"], f"malformed JSON at character {loc[-1]}{': ' + reason if reason else ''}"
-        # A union (class_label: int | str) reports one error per member type: name the field once.
-        union = len(loc) > 2 and loc[0] == "body" and loc[-1] in ("int", "str")
-        if union or (loc[:2] == ["body", "class_label"] and kind in ("int_type", "string_type")):
-            loc, msg, kind = loc[:2], "must be an integer (class index) or a string (class name)", "type_error"
-        item = {"field": _field(loc), "msg": msg, "type": kind, "loc": loc}
-        if item not in items:
-            items.append(item)
-    if request.url.path == "/generate":
-        _label_invalid(request, exc.body)
-    return JSONResponse({"detail": items}, status_code=422)
-
-
-def _label_invalid(request: Request, body) -> None:
-    """Metric labels for a request that failed parsing: only known model and scheduler names."""
-    info = getattr(request.state, "log", None)
-    registry = getattr(request.app.state, "registry", None)
-    if info is None or registry is None:
-        return
-    body = body if isinstance(body, dict) else {}
-    model, scheduler = body.get("model"), body.get("scheduler", "ddim")
-    info["model"] = registry.default if model is None else (model if model in registry else "unknown")
-    info["scheduler"] = scheduler if isinstance(scheduler, str) and scheduler in SAMPLERS else "unknown"
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service. ``settings`` default: read from the environment (``DIFFUSION_*``)."""
     settings = settings if settings is not None else Settings()
@@ -99,7 +67,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.registry = app.state.engine = None
     app.include_router(router)
+    app.include_router(openai_api.router)
+    app.include_router(playground.router)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    add_models(app, [*STREAM_EVENTS.values(), *OPENAI_STREAM_EVENTS.values()])
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],

@@ -1,5 +1,6 @@
 """A request id for every request (the ``X-Request-ID`` header, echoed back), one JSON log line per
-request, and the per-request outcome of /generate counted in the metrics.
+request, and the per-request outcome of generation requests (/generate, /v1/images/generations)
+counted in the metrics.
 
 Pure ASGI (no BaseHTTPMiddleware), so it never buffers responses or interferes with disconnects.
 Routes add fields to the log line through ``request.state.log`` (a dict).
@@ -15,7 +16,7 @@ import uuid
 log = logging.getLogger("service.requests")
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-GENERATE_PATH = "/generate"
+GENERATION_PATHS = ("/generate", "/v1/images/generations")
 
 
 class RequestLog:
@@ -48,5 +49,5 @@ class RequestLog:
             line = {"event": "request", "request_id": rid, "method": scope["method"], "path": scope["path"],
                     "status": status, **info, "total_s": round(total, 4)}
             log.info(line)
-            if scope["path"] == GENERATE_PATH and scope["method"] == "POST":
+            if scope["path"] in GENERATION_PATHS and scope["method"] == "POST":
                 self.metrics.request(info.get("model", "unknown"), info.get("scheduler", "unknown"), status, total)

@@ -1,20 +1,26 @@
-"""The routes: parse, hand to :mod:`service.generation` and the engine, answer. Nothing else."""
+"""The native routes: parse, hand to :mod:`service.generation` and the engine, answer (JSON, a PNG, or
+Server-Sent Events). Nothing else."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service import render
-from service.api.deps import (EngineDep, MetricsDep, RegistryDep, SettingsDep, require_key,
-                              require_metrics_key)
-from service.engine import DeadlineExceeded, EngineClosed, GenerationFailed, QueueFull
+from service.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep, require_key, require_metrics_key
+from service.api.jobs import submit, wait
+from service.api.openapi import event_stream
+from service.api.streaming import KEEP_ALIVE, EventBuffer, EventStream, Finished, Heartbeat, Queued, follow, sse
+from service.engine import Engine, GenerationResult, GenerationSpec, Job, Preview, Progress
 from service.generation import FieldErrors, UnknownModel, describe, prepare
-from service.metrics import CONTENT_TYPE
-from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, ModelList, Timings
+from service.metrics import CONTENT_TYPE, Metrics
+from service.schemas import (STREAM_EVENTS, ErrorResponse, GenerateRequest, GenerateResponse, ModelList, PreviewEvent,
+                             ProgressEvent, QueuedEvent, StreamError, Timings)
+from service.settings import Settings
 
 router = APIRouter()
 
@@ -26,74 +32,94 @@ ERRORS = {401: {"model": ErrorResponse, "description": "API keys are configured 
           504: {"model": ErrorResponse, "description": "The request's deadline passed"}}
 
 
-async def _disconnected(request: Request) -> None:
-    """Returns when the client goes away (the body has been read; what comes next is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+EVENTS_DOC = ("Server-Sent Events: `queued` {position}, `progress` {done, total, elapsed_s} (model "
+              "evaluations), `preview` {done, total, images} when asked, then `done` (the JSON answer) or "
+              "`error` {detail, status}")
+
+
+def wants_events(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
 
 
 @router.post("/generate", response_model=GenerateResponse, dependencies=[Depends(require_key)], responses={
-    **ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or with `Accept: image/png` the PNG "
-                    "itself (a grid when num_images > 1)"}})
+    **ERRORS, 200: {"content": {"image/png": {}, **event_stream(STREAM_EVENTS)},
+                    "description": "JSON; with `Accept: image/png` the PNG itself (a grid when num_images > 1); "
+                    "with `stream: true` or `Accept: text/event-stream`, " + EVENTS_DOC}})
 async def generate(body: GenerateRequest, request: Request, settings: SettingsDep, registry: RegistryDep,
-                   engine: EngineDep):
+                   engine: EngineDep, metrics: MetricsDep):
     """Generate images for a prompt or a class label (see the request schema for every field)."""
     start = time.perf_counter()
     info = request.state.log
     info.update(model=body.model or registry.default, scheduler=body.scheduler, images=body.num_images)
     if settings.log_prompts:
         info.update(prompt=body.prompt, class_label=body.class_label)
+    stream = body.stream or wants_events(request)
     try:
-        spec = prepare(body, registry, settings)
+        spec, previews = prepare(body, registry, settings, stream)
     except UnknownModel as e:
         info["model"] = "unknown"  # never a user's string as a metric label
         raise HTTPException(404, str(e)) from None
     except FieldErrors as e:
         raise field_errors(e) from None
     info["steps"] = spec.steps
-    try:
-        job = engine.submit(spec, settings.request_timeout_s)
-    except QueueFull as e:
-        raise HTTPException(429, str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
-    except EngineClosed as e:
-        raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None
+    if stream:
+        buffer = EventBuffer(asyncio.get_running_loop(), settings.preview_buffer, previews)
+        job = submit(engine, spec, settings, buffer.listener)
+        info["stream"] = True
+        metrics.streamed(spec.model)
+        return EventStream(_events(engine, job, buffer, request, settings, metrics, start))
 
-    result_ = asyncio.wrap_future(job.future)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({result_, gone}, timeout=settings.request_timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not job.future.done():
-            engine.cancel(job)  # the engine drops its rows at its next iteration
-    if result_ not in done:
-        if gone in done:
-            info["status"] = 499  # nobody is listening; logged as such
-            return Response(status_code=499)
-        raise HTTPException(504, f"deadline of {settings.request_timeout_s:g} s passed")
-    try:
-        result = result_.result()
-    except DeadlineExceeded as e:
-        raise HTTPException(504, str(e)) from None
-    except EngineClosed as e:
-        raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None
-    except GenerationFailed as e:
-        raise HTTPException(500, str(e)) from None
+    job = submit(engine, spec, settings)
+    result = await wait(engine, job, request, settings)
+    if result is None:
+        info["status"] = 499  # nobody is listening; logged as such
+        return Response(status_code=499)
     info.update(queue_s=round(result.queued_s, 4), generating_s=round(result.generating_s, 4))
-
     accept = request.headers.get("accept", "")
     if "image/png" in accept and "application/json" not in accept:
         png = await run_in_threadpool(render.grid_png, result.images)
         return Response(png, media_type="image/png", headers={
             "X-Seeds": ",".join(map(str, spec.seeds)), "X-Model": spec.model, "X-Scheduler": spec.scheduler,
             "X-Steps": str(spec.steps), "X-Guidance": f"{spec.guidance:g}"})
+    return await answer(spec, result, request, start)
+
+
+async def answer(spec: GenerationSpec, result: GenerationResult, request: Request, start: float) -> GenerateResponse:
     images = await run_in_threadpool(render.b64_pngs, result.images)
     return GenerateResponse(
         images=images, seeds=list(spec.seeds), model=spec.model, scheduler=spec.scheduler, steps=spec.steps,
         guidance=spec.guidance, request_id=request.state.request_id,
         timings=Timings(queued_s=result.queued_s, generating_s=result.generating_s,
                         total_s=time.perf_counter() - start))
+
+
+async def _events(engine: Engine, job: Job, buffer: EventBuffer, request: Request, settings: Settings,
+                  metrics: Metrics, start: float):
+    """The native stream: queued, progress, preview, then done or error."""
+    spec, info, sent = job.spec, request.state.log, 0
+    try:
+        async with aclosing(follow(engine, job, buffer, request, settings.request_timeout_s)) as items:
+            async for item in items:
+                if isinstance(item, Heartbeat):
+                    yield KEEP_ALIVE
+                elif isinstance(item, Queued):
+                    yield sse("queued", QueuedEvent(position=item.position))
+                elif isinstance(item, Progress):
+                    yield sse("progress", ProgressEvent(done=item.done, total=item.total,
+                                                        elapsed_s=round(item.elapsed_s, 4)))
+                elif isinstance(item, Preview):
+                    images = await run_in_threadpool(render.b64_pngs, item.images)
+                    sent += 1
+                    yield sse("preview", PreviewEvent(done=item.done, total=item.total, images=images))
+                elif isinstance(item, Finished):
+                    result = item.result
+                    info.update(queue_s=round(result.queued_s, 4), generating_s=round(result.generating_s, 4))
+                    yield sse("done", await answer(spec, result, request, start))
+                else:
+                    info["error"] = item.status
+                    yield sse("error", StreamError(detail=item.message, status=item.status))
+    finally:
+        metrics.previews(spec.model, sent=sent, dropped=buffer.dropped)
 
 
 def field_errors(e: FieldErrors) -> HTTPException:

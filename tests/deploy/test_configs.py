@@ -29,7 +29,7 @@ STACKS = [["compose.yaml"], ["compose.yaml", "compose.cpu.yaml"], ["compose.yaml
 HISTOGRAMS = {"diffusion_request_duration_seconds", "diffusion_queue_wait_seconds",
               "diffusion_batch_rows", "diffusion_forward_duration_seconds"}
 SERIES = ({"diffusion_requests_total", "diffusion_images_generated_total", "diffusion_queue_depth",
-           "diffusion_rows_in_flight", "up"}
+           "diffusion_rows_in_flight", "diffusion_streamed_requests_total", "diffusion_previews_total", "up"}
           | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")})
 PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "le", "irate", "increase", "avg", "max",
                 "min", "without", "on", "or", "and", "count"}

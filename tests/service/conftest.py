@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -35,3 +40,30 @@ def make_settings(checkpoint_dir):
     def make(**kw) -> Settings:
         return Settings(**{"checkpoint_dir": checkpoint_dir, "device": "cpu", "default_model": "tiny-digits", **kw})
     return make
+
+
+@contextmanager
+def live_server(settings: Settings):
+    """The app served by a real uvicorn on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    from service.api import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_config=None, access_log=False,
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the live server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -106,6 +106,10 @@ INVALID = [
     ({"percentile": 0}, "percentile"),
     ({"spacing": "random"}, "spacing"),
     ({"colour": "red"}, "colour"),
+    ({"guidance": 30.5}, "guidance"),  # above max_guidance (30)
+    ({"guidance": 1e308}, "guidance"),
+    ({"prompt": "nine", "model": {}}, "model"),  # once a 500: the metric labelling hashed the value
+    ({"prompt": "nine", "model": ["a"]}, "model"),
 ]
 
 
@@ -124,6 +128,23 @@ def test_malformed_bodies_are_422_never_5xx(client, raw):
     r = client.post("/generate", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["field"]
+
+
+@pytest.mark.parametrize("raw", [b"\x80", b'{"prompt": "\xc3"}', b"[" * 100_000])
+def test_bodies_that_cannot_be_decoded_are_422_like_malformed_json(client, raw):
+    """Not UTF-8, or nested too deep for the JSON parser: once an undocumented 400."""
+    r = client.post("/generate", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == [{"field": "body", "msg": "malformed JSON: the body could not be decoded",
+                                   "type": "json_invalid", "loc": ["body"]}]
+
+
+def test_invalid_model_values_are_labelled_unknown_in_the_metrics(client):
+    for model in ({}, ["a"], 3, "nope-" * 20):
+        assert client.post("/generate", json={"prompt": "nine", "model": model}).status_code in (404, 422)
+    text = client.get("/metrics").text
+    assert 'diffusion_requests_total{model="unknown",scheduler="ddim",status="422"}' in text
+    assert "nope-" not in text
 
 
 def test_unknown_model_is_404(client):

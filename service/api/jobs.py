@@ -1,0 +1,44 @@
+"""What every generation route does with the engine: submit a prepared spec, and wait for its
+outcome while watching for the client's disconnect and the deadline. Engine refusals become HTTP
+errors (the error handlers give them the path's shape)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import HTTPException, Request
+
+from service.api.streaming import disconnected, failure
+from service.engine import Engine, EngineClosed, GenerationResult, GenerationSpec, Job, QueueFull
+from service.settings import Settings
+
+
+def submit(engine: Engine, spec: GenerationSpec, settings: Settings, listener=None) -> Job:
+    try:
+        return engine.submit(spec, settings.request_timeout_s, listener)
+    except QueueFull as e:
+        raise HTTPException(429, str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
+    except EngineClosed as e:
+        raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None
+
+
+async def wait(engine: Engine, job: Job, request: Request, settings: Settings) -> GenerationResult | None:
+    """The job's result; None when the client went away first (its rows leave the engine)."""
+    result_ = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        done, _ = await asyncio.wait({result_, gone}, timeout=settings.request_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.future.done():
+            engine.cancel(job)  # the engine drops its rows at its next iteration
+    if result_ not in done:
+        if gone in done:
+            return None
+        raise HTTPException(504, f"deadline of {settings.request_timeout_s:g} s passed")
+    try:
+        return result_.result()
+    except Exception as e:  # the engine's errors: 504, 503, 500
+        failed = failure(e)
+        raise HTTPException(failed.status, failed.message, headers=failed.headers or None) from None

@@ -1,0 +1,101 @@
+"""The OpenAI Images API's bodies, as far as this service speaks it (``/v1/images/generations``,
+``/v1/models``): OpenAI's fields and shapes, and this service's own sampling fields as extra body
+fields. The reference is the official ``openai`` package's types."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.schemas import Sampling
+
+
+class ImageGenerationRequest(Sampling):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "mnist-text-compact", "prompt": "nine", "n": 2, "size": "28x28"},
+        {"prompt": "nine", "stream": True, "partial_images": 2, "scheduler": "dpmpp_2m", "steps": 20, "seed": 0}]})
+
+    prompt: str = Field(description="Text; a class-conditional model accepts a prompt that names one of its classes.")
+    model: str | None = Field(None, description="A model id from GET /v1/models; default: the service's default.")
+    n: int | None = Field(None, strict=True, ge=1, description="Images, 1 … the service's max_images. Default 1.")
+    size: str | None = Field(None, description="`auto` or the model's own `WIDTHxHEIGHT` (each model makes one "
+                             "size; another is a 400 naming it).")
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="`b64_json` only: this service "
+                                                                "returns images inline, never as URLs.")
+    stream: bool | None = Field(None, strict=True, description="Server-Sent Events: "
+                                "`image_generation.partial_image`, then `image_generation.completed` per image.")
+    partial_images: int | None = Field(None, strict=True, ge=0, le=3, description="Streamed: partial images "
+                                       "(x̂0 previews) spread over the run; fewer when the run is short.")
+    user: str | None = Field(None, description="An end-user id (accepted; not stored).")
+
+
+class ImageData(BaseModel):
+    b64_json: str = Field(description="A base64-encoded PNG.")
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix time, seconds.")
+    data: list[ImageData]
+    size: str = Field(description="WIDTHxHEIGHT.")
+    output_format: Literal["png"] = "png"
+
+
+class Usage(BaseModel):
+    """OpenAI's token usage; this service counts no tokens, so every number is 0."""
+    input_tokens: int = 0
+    input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"image_tokens": 0, "text_tokens": 0})
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ImageEvent(BaseModel):
+    """What both streamed image events carry; with n > 1 each round comes in image order."""
+    b64_json: str = Field(description="A base64-encoded PNG.")
+    created_at: int
+    size: str
+    quality: Literal["auto"] = "auto"
+    background: Literal["opaque"] = "opaque"
+    output_format: Literal["png"] = "png"
+
+
+class PartialImageEvent(ImageEvent):
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    partial_image_index: int = Field(description="0-based: which of the partial images.")
+
+
+class CompletedImageEvent(ImageEvent):
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    usage: Usage = Field(default_factory=Usage)
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="When the checkpoint was saved (Unix time; 0 when it does not say).")
+    owned_by: str = "diffusion-serve"
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class OpenAIStreamError(BaseModel):
+    type: Literal["error"] = "error"
+    error: OpenAIErrorDetail
+
+
+STREAM_EVENTS = {"image_generation.partial_image": PartialImageEvent,
+                 "image_generation.completed": CompletedImageEvent, "error": OpenAIStreamError}
