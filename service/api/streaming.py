@@ -1,7 +1,8 @@
 """Following a job as it runs, for Server-Sent Event streams (the native API's and OpenAI's).
 
 The engine calls a job's listener on its own thread; :class:`EventBuffer` only hands each event over
-to the event loop there. On the loop side the buffer keeps every progress event and the outcome,
+to the event loop there (progress events coalesce while the loop has not taken the last one, so a
+fast engine cannot flood the loop). On the loop side the buffer keeps every progress event and the outcome,
 but at most ``max_previews`` previews: a newer one pushes out the oldest, so a slow reader costs
 dropped previews, never memory. :func:`follow` turns the buffer, the queue position and the
 client's disconnect into one sequence of items; the two APIs format it. Previews stay tensors until
@@ -12,6 +13,7 @@ never for a preview that was dropped).
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
@@ -51,6 +53,7 @@ class Heartbeat:
 
 HEARTBEAT = Heartbeat()
 _OUTCOME = object()  # the job's future resolved
+_PROGRESS = object()  # the latest progress is waiting in EventBuffer._progress
 
 
 def failure(error: BaseException) -> Failed:
@@ -77,14 +80,24 @@ class EventBuffer:
     def __init__(self, loop: asyncio.AbstractEventLoop, max_previews: int, wanted: frozenset[int] = frozenset()):
         self._loop, self.max_previews, self.wanted = loop, max_previews, wanted
         self._items: deque = deque()
+        self._lock = threading.Lock()
+        self._progress: Progress | None = None  # the latest progress not yet handed over
         self._wake = asyncio.Event()
         self.dropped = 0
         self.closed = False
 
     def listener(self, event) -> None:
-        """The job's listener, on the engine's thread: hand over, never block."""
+        """The job's listener, on the engine's thread: hand over, never block. While the loop has not
+        yet taken a progress event, a newer one replaces it (one callback per hand-over, however
+        fast the engine iterates)."""
         if self.closed:
             return
+        if isinstance(event, Progress):
+            with self._lock:
+                pending, self._progress = self._progress is not None, event
+            if pending:
+                return
+            event = _PROGRESS
         try:
             self._loop.call_soon_threadsafe(self.put, event)
         except RuntimeError:  # the loop has closed: nobody is listening any more
@@ -95,6 +108,9 @@ class EventBuffer:
         job.future.add_done_callback(lambda _: self.listener(_OUTCOME))
 
     def put(self, item) -> None:
+        if item is _PROGRESS:
+            with self._lock:
+                item, self._progress = self._progress, None
         if isinstance(item, Preview):
             if item.done not in self.wanted:
                 return  # between the points asked for (the engine previews at their common divisor)

@@ -219,3 +219,20 @@ def test_event_buffer_bounds_previews_and_keeps_the_rest():
         await asyncio.sleep(0)
         assert buffer.pop() is None
     asyncio.run(main())
+
+
+def test_progress_coalesces_while_the_loop_has_not_taken_it():
+    """A fast engine cannot flood the event loop: one hand-over at a time, the latest progress wins."""
+    from service.api.streaming import EventBuffer
+    loop = asyncio.new_event_loop()
+    try:
+        buffer = EventBuffer(loop, max_previews=2)
+        for k in range(1, 6):  # the loop is not running: none of these has been taken yet
+            buffer.listener(Progress(k, 10, 0.0))
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [i.done for i in list(buffer._items)] == [5]
+        buffer.listener(Progress(6, 10, 0.0))
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [i.done for i in list(buffer._items)] == [5, 6]
+    finally:
+        loop.close()
