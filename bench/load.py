@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+from diffusion.samplers import SAMPLERS
+
 SCHEDULERS = ("ddim", "ddpm", "pndm", "heun", "dpmpp_2m")
 
 
@@ -37,7 +39,7 @@ def make_requests(n: int, steps: list[int], class_names: list[str], seed: int = 
 
 
 def nfe(req: dict) -> int:
-    return 2 * req["steps"] - 1 if req["scheduler"] == "heun" else req["steps"]
+    return SAMPLERS[req["scheduler"]].evaluations(req["steps"])
 
 
 def summary(name: str, latencies: list[float], wall: float, images: int, evaluations: int) -> dict:
