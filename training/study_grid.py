@@ -64,7 +64,8 @@ class Grid:
 
 
 # Small enough for a CPU: the sample count is stated in every output.
-REDUCED = dict(steps=(10, 25), long_steps=(), guidance=(0.0, 1.0, 3.0), anchor_steps=25, anchor_guidance=1.0,
+REDUCED = dict(steps=(10, 25), long_steps=(), guidance=(0.0, 0.5, 1.0, 3.0),  # 0.5: the seed study's w
+               anchor_steps=25, anchor_guidance=1.0,
                repeat_seeds=(1,), num_samples=200, num_real=None)
 
 

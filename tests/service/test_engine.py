@@ -252,15 +252,15 @@ def test_listeners_get_progress_every_iteration_and_previews_when_due():
     eng = Engine({"fake": fake})
     events = []
     quiet = eng.submit(spec(steps=6, seed=1), 60)
-    job = eng.submit(spec(scheduler="heun", steps=4, n=2, preview_every=3), 60, listener=events.append)
+    job = eng.submit(spec(scheduler="heun", steps=5, n=2, preview_every=3), 60, listener=events.append)
     assert eng.position(job) == 1 and eng.position(quiet) == 0
     eng.iterate()
     assert eng.position(job) is None
-    assert isinstance(events[0], Progress) and (events[0].done, events[0].total) == (1, 7)  # heun 4 steps: 7 NFE
+    assert isinstance(events[0], Progress) and (events[0].done, events[0].total) == (1, 8)  # heun 5 steps: 8 NFE
     run_until(eng, job.future.done)
     progress = [e for e in events if isinstance(e, Progress)]
     previews = [e for e in events if isinstance(e, Preview)]
-    assert [p.done for p in progress] == list(range(1, 8))
+    assert [p.done for p in progress] == list(range(1, 9))
     assert [p.done for p in previews] == [3, 6] and previews[0].images.shape == (2, 1, 4, 4)
     assert events.index(previews[0]) < events.index(progress[3])  # on the CPU a preview lands at once
     assert torch.isfinite(previews[-1].images).all()

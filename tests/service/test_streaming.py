@@ -67,7 +67,7 @@ def test_events_in_order_and_done_is_the_json_answer(client):
 def test_the_first_progress_comes_after_the_first_iteration(client):
     events = stream(client, {"class_label": 1, "scheduler": "heun", "steps": 4})
     progress = [d for n, d in events if n == "progress"]
-    assert progress[0]["done"] == 1 and progress[-1]["done"] == progress[0]["total"] == 7  # heun: 2·4 − 1 NFE
+    assert progress[0]["done"] == 1 and progress[-1]["done"] == progress[0]["total"] == 6  # heun: 2·4 − 2 NFE
 
 
 def test_accept_header_streams_and_previews_only_when_asked(client):

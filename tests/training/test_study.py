@@ -30,7 +30,8 @@ def test_cells_are_the_two_sweeps_without_duplicates():
     full = Grid(**{**g.__dict__, "full": True}).cells("m")
     assert len(full) == (2 * 3 + 2) * 2 + 2  # scheduler×steps (+1000 for two) × guidance, + the repeats
     reduced = Grid(**REDUCED).cells("m")
-    assert len(reduced) == 5 * 2 + 2 + 3 and {c.steps for c in reduced} == {10, 25}
+    assert len(reduced) == 5 * 2 + 3 + 4 and {c.steps for c in reduced} == {10, 25}
+    assert 0.5 in {c.guidance for c in reduced}  # the seed study compares w = 0, 0.5 and 2
     cost = image_evaluations(Cell("m", "heun", 10, 1.0, 0), 100)
     assert cost == 100 * diffusion.SAMPLERS["heun"].evaluations(10) * 2
     assert image_evaluations(Cell("m", "ddim", 10, 0.0, 0), 100) == 1000
