@@ -299,3 +299,28 @@ def test_a_killed_and_a_terminated_replica_lose_no_request(tmp_path):
     assert b_lines and all(x["status"] == 200 for x in b_lines), Counter(x["status"] for x in b_lines)
     assert draining, "SIGTERM found no request in flight on B"
     assert cut + refused > 0, "the kill should have sent some requests to the other replica"
+
+
+def test_no_replica_reachable_is_a_json_503_with_retry_after(tmp_path):
+    """Every replica down (the name resolves, nothing listens): nginx's own 502 would reach the client
+    as an HTML page without Retry-After; docker/nginx.conf answers a JSON 503 with Retry-After instead,
+    like a full replica."""
+    dns = ReplicaDNS("replica", ADDRESSES)
+    lb_port = free_port()
+    config = nginx_config(tmp_path, dns.port, lb_port, free_port())
+    nginx = subprocess.Popen([NGINX, "-p", f"{tmp_path}/", "-c", str(config), "-g",
+                              f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/nginx-error.log crit;"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{lb_port}"
+        wait_until(lambda: httpx.get(f"{url}/lb-healthz", timeout=2).status_code == 200, 20, "nginx never answered",
+                   nginx, tmp_path / "nginx-error.log")
+        for r in (httpx.post(f"{url}/generate", json={"prompt": "nine"}, timeout=10),
+                  httpx.get(f"{url}/readyz", timeout=10)):
+            assert r.status_code == 503, (r.status_code, r.text[:200])
+            assert int(r.headers["retry-after"]) > 0
+            assert r.headers["content-type"].startswith("application/json")
+            assert "no service replica" in r.json()["detail"]
+    finally:
+        stop(nginx)
+        dns.close()
