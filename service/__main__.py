@@ -7,6 +7,7 @@ Every option is a field of :class:`service.settings.Settings` and also an enviro
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from pydantic import ValidationError
@@ -44,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(settings)
+    # uvicorn waits this long for open connections, then cancels them. Never None: that would wait
+    # forever (a grace of 0 or 0.5 used to mean that); 0 cancels at once, fractions round up.
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
+                timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s))
     return 0
 
 
