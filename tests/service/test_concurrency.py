@@ -11,35 +11,17 @@ import httpx
 from asgi_lifespan import LifespanManager
 
 from service.api import create_app
+from tests.service.asgi import serve, until
 
 LONG = {"class_label": 1, "scheduler": "ddpm", "steps": 100, "seed": 0}  # 100 engine iterations
 SHORT = {"class_label": 2, "scheduler": "ddim", "steps": 2, "seed": 1}
-
-
-async def until(pred, what: str, tries: int = 2000):
-    for _ in range(tries):
-        if pred():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never: {what}")
-
-
-def serve(settings, body):
-    """Run ``body(app, client)`` against a started app."""
-    async def main():
-        app = create_app(settings)
-        async with LifespanManager(app) as manager:
-            transport = httpx.ASGITransport(app=manager.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
-                return await body(app, client)
-    return asyncio.run(main())
 
 
 def test_a_short_request_overtakes_a_long_one(make_settings):
     async def body(app, client):
         engine = app.state.engine
         long = asyncio.ensure_future(client.post("/generate", json=LONG))
-        await until(lambda: engine.rows_in_flight == 1, "long request admitted")
+        await until(lambda: engine.rows_in_flight == 1, "long request admitted", tries=2000)
         short = await client.post("/generate", json=SHORT)
         assert short.status_code == 200
         assert not long.done()  # still denoising: the short one did not wait behind it
@@ -79,7 +61,7 @@ def test_a_request_past_its_deadline_gets_504_and_leaves_the_engine(make_setting
     async def body(app, client):
         r = await client.post("/generate", json={**LONG, "steps": 100, "scheduler": "heun"})
         assert r.status_code == 504 and "deadline" in r.json()["detail"]
-        await until(lambda: app.state.engine.rows_in_flight == 0, "rows dropped")
+        await until(lambda: app.state.engine.rows_in_flight == 0, "rows dropped", tries=2000)
         assert (await client.get("/readyz")).status_code == 200
     # 0.05 s for 199 forward passes: the deadline always passes first.
     serve(make_settings(request_timeout_s=0.05), body)
@@ -110,11 +92,11 @@ def test_a_disconnected_client_has_its_rows_dropped(make_settings):
                  "root_path": "", "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
                  "client": ("127.0.0.1", 1), "server": ("test", 80), "state": {}}
         call = asyncio.ensure_future(app(scope, receive, send))
-        await until(lambda: engine.rows_in_flight == 3, "rows admitted")
+        await until(lambda: engine.rows_in_flight == 3, "rows admitted", tries=2000)
         at = engine.iterations
         disconnect.set()
         await call
-        await until(lambda: engine.rows_in_flight == 0, "rows dropped")
+        await until(lambda: engine.rows_in_flight == 0, "rows dropped", tries=2000)
         assert engine.iterations < at + 100  # dropped long before its 100 steps were done
         assert (await client.post("/generate", json=SHORT)).status_code == 200
     serve(make_settings(), body)
@@ -129,9 +111,9 @@ def test_shutdown_finishes_requests_in_flight_then_refuses(make_settings):
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
             engine = app.state.engine
             pending = asyncio.ensure_future(client.post("/generate", json={**LONG, "steps": 40}))
-            await until(lambda: engine.rows_in_flight == 1, "admitted")
+            await until(lambda: engine.rows_in_flight == 1, "admitted", tries=2000)
             stopping = asyncio.ensure_future(manager.__aexit__(None, None, None))
-            await until(lambda: not engine.running, "admission stopped")
+            await until(lambda: not engine.running, "admission stopped", tries=2000)
             assert (await client.get("/readyz")).status_code == 503
             late = await client.post("/generate", json=SHORT)
             assert late.status_code == 503 and "Retry-After" in late.headers
