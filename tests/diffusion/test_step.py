@@ -40,6 +40,19 @@ def _tiny_pipeline():
     return Pipeline(model, "cpu")
 
 
+def _join_one_by_one(runner, rows):
+    """Add the rows one per iteration, run to the end, and return their images in row order."""
+    got, handles = {}, {}
+    for k, r in enumerate(rows):
+        handles[runner.add([r])[0]] = k
+        finished = runner.step()
+        got.update(zip((handles[h] for h in finished), runner.take(finished)))
+    while len(runner):
+        finished = runner.step()
+        got.update(zip((handles[h] for h in finished), runner.take(finished)))
+    return torch.stack([got[k] for k in range(len(rows))])
+
+
 @pytest.mark.parametrize("name,opts,clip", CASES)
 def test_no_host_sync_in_the_steady_state_and_at_most_one_per_evaluation_overall(name, opts, clip):
     sched = make_schedule("cosine")
@@ -95,15 +108,7 @@ def test_a_compiled_padded_runner_matches_the_eager_one():
     for accel in (Acceleration(), Acceleration(compile="default", backend="aot_eager", buckets=(2, 4, 8))):
         runner = pipe.runner(8, 5, accel)
         runner.warm_up()
-        got, handles = {}, {}
-        for k, r in enumerate(rows):  # rows join one by one: batches 1..6 run padded to 2, 4, 8
-            handles[runner.add([r])[0]] = k
-            finished = runner.step()
-            got.update(zip((handles[h] for h in finished), runner.take(finished)))
-        while len(runner):
-            finished = runner.step()
-            got.update(zip((handles[h] for h in finished), runner.take(finished)))
-        outs.append(torch.stack([got[k] for k in range(len(rows))]))
+        outs.append(_join_one_by_one(runner, rows))  # batches 1..6 run padded to 2, 4, 8
     assert runner.buckets == (2, 4, 8)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
 
@@ -143,13 +148,6 @@ def test_the_graph_path_replays_one_captured_variant_per_iteration_and_matches_e
     runner.warm_up()
     assert len(fake.captured) == len(runner.variants()) == 3 * 2 * 2
     assert not runner.table.state.x.abs().sum()  # warm-up on the empty table changed no row
-    got, handles = {}, {}
-    for k, r in enumerate(rows):
-        handles[runner.add([r])[0]] = k
-        finished = runner.step()
-        got.update(zip((handles[h] for h in finished), runner.take(finished)))
-    while len(runner):
-        finished = runner.step()
-        got.update(zip((handles[h] for h in finished), runner.take(finished)))
+    got = _join_one_by_one(runner, rows)
     assert len(fake.replays) == runner.iterations  # every iteration was a replay
-    torch.testing.assert_close(torch.stack([got[k] for k in range(len(rows))]), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
