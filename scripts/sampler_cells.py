@@ -1,6 +1,6 @@
 """Score a few sampler settings on one checkpoint, options included (e.g. heun's ``alpha``), the way
-``python -m training.evaluate`` scores one: class-balanced samples, image j of class c from seed
-100,000·c + j (every cell starts from the same noise), FID (domain) and conditional accuracy read by the
+``python -m training.evaluate`` scores one (``generate_samples`` with seed 0: class-balanced samples,
+image j of class c from seed 100,000·c + j, so every cell starts from the same noise), FID (domain) and conditional accuracy read by the
 dataset's domain classifier. One CSV row per cell, appended (the file may already hold other cells).
 
     PYTHONPATH=. python scripts/sampler_cells.py --checkpoint CKPT --data-dir DIR --csv out.csv \\
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import time
 from pathlib import Path
-
-import torch
 
 import diffusion
 from training.classifier import load_classifier
-from training.evaluate import Reference, class_condition, class_plan, default_classifier_path, nfe, real_test_images
+from training.evaluate import Reference, default_classifier_path, generate_samples, nfe, real_test_images
 
 FIELDS = ["checkpoint", "sampler", "steps", "alpha", "guidance", "clip", "nfe", "fid_domain", "accuracy", "seconds"]
 
@@ -37,9 +34,6 @@ def main(argv: list[str] | None = None) -> None:
     dataset = pipe.provenance.get("dataset")
     reference = Reference.build(real_test_images(dataset, a.data_dir, None),
                                 load_classifier(default_classifier_path(dataset), device=pipe.device))
-    plan = class_plan(pipe, a.num_samples)
-    rows = [(c, j) for c, count in plan for j in range(count)]
-    conds = {c: class_condition(pipe, c) for c, _ in plan}
     new = not Path(a.csv).exists()
     with open(a.csv, "a", newline="") as f:
         w = csv.writer(f)
@@ -48,11 +42,9 @@ def main(argv: list[str] | None = None) -> None:
         for cell in a.cells:
             scheduler, steps, alpha, guidance, clip = cell.split("/")
             options = {} if alpha == "-" else {"alpha": float(alpha)}
-            t0 = time.perf_counter()
-            x = pipe.generate_rows([conds[c] for c, _ in rows], [100_000 * (c or 0) + j for c, j in rows],
-                                   scheduler=scheduler, steps=int(steps), guidance=float(guidance), clip=clip, **options)
-            seconds = time.perf_counter() - t0
-            m = reference.score(x.float().clamp(-1, 1), torch.tensor([c for c, _ in rows]), seed=0)
+            images, labels, seconds = generate_samples(pipe, a.num_samples, scheduler, int(steps), float(guidance),
+                                                       seed=0, clip=clip, progress=False, **options)
+            m = reference.score(images, labels, seed=0)
             out = [Path(a.checkpoint).stem, scheduler, int(steps), alpha, float(guidance), clip,
                    nfe(scheduler, int(steps)), f"{m['fid_domain']:.3f}", f"{m['conditional_accuracy']:.3f}",
                    f"{seconds:.0f}"]

@@ -77,8 +77,9 @@ def class_condition(pipe: diffusion.Pipeline, c: int | None) -> diffusion.Condit
 
 def generate_samples(pipe: diffusion.Pipeline, n: int, scheduler: str, steps: int, guidance: float,
                      seed: int = 0, batch_size: int = 250, clip: str = "none", progress: bool = True,
-                     desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+                     desc: str | None = None, **options) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """(images [n, C, H, W] clamped to [-1, 1], class labels [n] or None, seconds spent sampling).
+    ``options`` go to the sampler (e.g. heun's ``alpha``).
 
     Image j of class c uses seed ``seed * 1_000_000 + 100_000 * c + j``: a cell with the same
     ``seed`` starts every other cell from the same noise (common random numbers), a different
@@ -96,7 +97,7 @@ def generate_samples(pipe: diffusion.Pipeline, n: int, scheduler: str, steps: in
             t0 = time.perf_counter()
             x = pipe.generate_rows([conds[c] for c, _ in chunk],
                                    [seed * 1_000_000 + 100_000 * (c or 0) + j for c, j in chunk],
-                                   scheduler=scheduler, steps=steps, guidance=guidance, clip=clip)
+                                   scheduler=scheduler, steps=steps, guidance=guidance, clip=clip, **options)
             if x.is_cuda:
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - t0
