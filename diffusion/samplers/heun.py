@@ -36,8 +36,8 @@ the method, which EDM's 18-step default hides). A smaller α evaluates d' earlie
 errs toward the narrow side. On trained models (static clipping, w = 2, FID (domain), 200 samples,
 docs/study/few-steps/heun-alpha.csv) α = ¾ was the best or second of {1, ¾, ½} in every cell:
 α = 1 was worst at 5 steps on two of three models (2.1× and 3.1× the FID of ¾), α = ½ worst at
-10 steps on both cosine models. ``alpha=1.0`` gives Heun's method as EDM ran it, ``alpha=0.5`` the midpoint
-rule.
+10 steps on both cosine models. ``alpha=1.0`` gives Heun's method as EDM ran it, ``alpha=0.5`` the
+midpoint rule.
 
 NFE = 2S − 2 for S ≥ 2 (1 for S = 1). The state keeps x in model space at the current timestep, like
 every sampler.
