@@ -3,6 +3,9 @@ E[ε | x_t] = sqrt(1−ᾱ_t)·(x_t − sqrt(ᾱ_t)·μ) / (ᾱ_t·s² + 1 − �
 
 import torch
 
+from diffusion import SAMPLERS, sample
+from diffusion.sampling import initial_noise
+
 
 def gaussian_eps_model(schedule, mu: float, s: float):
     ab_all = schedule.alphas_cumprod
@@ -23,3 +26,12 @@ def exact_flow(schedule, mu: float, s: float, x_start, t_start: int):
     ab = float(schedule.alphas_cumprod[t_start])
     xi = (x_start - ab ** 0.5 * mu) / (ab * s * s + 1 - ab) ** 0.5
     return mu + s * xi
+
+
+def path_error(schedule, mu: float, s: float, name: str, steps: int, rows: int, shape=(1, 4, 4), **options) -> float:
+    """RMS distance, relative to s, between a sampler's output and the exact ODE map (:func:`exact_flow`)
+    of the same starting noise (seeds 0..rows−1), for ``rows`` samples of ``shape``."""
+    x_T = initial_noise(list(range(rows)), shape, "cpu")
+    x = sample(gaussian_eps_model(schedule, mu, s), schedule, (rows, *shape), name, steps, x_T=x_T, **options)
+    exact = exact_flow(schedule, mu, s, x_T, SAMPLERS[name].plan(schedule, steps, options.get("spacing"))[0])
+    return ((x - exact).pow(2).mean().sqrt() / s).item()

@@ -18,7 +18,7 @@ import torch
 
 from diffusion import SAMPLERS, make_schedule, sample
 from diffusion.sampling import initial_noise
-from tests.diffusion.gaussian import exact_flow, gaussian_eps_model
+from tests.diffusion.gaussian import gaussian_eps_model, path_error
 
 MU, S = 0.3, 0.5
 # Every step count from 1 to 20 (where the failures were), then every fifth one to 50.
@@ -39,9 +39,7 @@ def _std_mean(schedule, name, steps, rows, **options):
 
 def _path_error(schedule, name, steps, rows=256, **options):
     """RMS distance to the exact ODE solution from the same start, relative to s."""
-    x, x_T = _run(schedule, name, steps, rows, **options)
-    exact = exact_flow(schedule, MU, S, x_T, SAMPLERS[name].plan(schedule, steps)[0])
-    return ((x - exact).pow(2).mean().sqrt() / S).item()
+    return path_error(schedule, MU, S, name, steps, rows, (1, 2, 2), **options)
 
 
 @pytest.fixture(scope="module", params=["cosine", "linear"])

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from diffusion import SAMPLERS, make_schedule, sample
-from diffusion.sampling import initial_noise
-from tests.diffusion.gaussian import exact_flow, gaussian_eps_model
+from tests.diffusion.gaussian import gaussian_eps_model
+from tests.diffusion.gaussian import path_error as gaussian_path_error
 
 MU, S = 0.5, 0.3
 SHAPE = (500, 1, 4, 4)  # 8000 numbers
@@ -37,10 +37,7 @@ def _moments(x):
 
 def path_error(schedule, name, steps, n=500, **opts):
     """RMS distance / s between the sampler's output and the exact ODE map of the same noise."""
-    x_T = initial_noise(list(range(n)), (1, 4, 4), "cpu")
-    x = sample(gaussian_eps_model(schedule, MU, S), schedule, (n, 1, 4, 4), name, steps, x_T=x_T, **opts)
-    exact = exact_flow(schedule, MU, S, x_T, SAMPLERS[name].plan(schedule, steps, opts.get("spacing"))[0])
-    return ((x - exact).pow(2).mean().sqrt() / S).item()
+    return gaussian_path_error(schedule, MU, S, name, steps, n, **opts)
 
 
 @pytest.fixture(scope="module", params=["cosine", "linear"])
