@@ -152,7 +152,7 @@ def phase_reference(ctx: Ctx, size: str) -> None:
     for name, (eps2, ours) in nets.items():
         compiled = torch.compile(eps2, dynamic=True) if ctx.cuda else eps2
         for n in rows:
-            x_T = torch.randn(n, *pipe.cfg.image_shape, device=ctx.device)
+            x_T = torch.randn(n, *pipe.card.image_shape, device=ctx.device)
             if ours:
                 conds = torch.stack([pipe.cond_vector(pipe.resolve(class_label=k % 10)) for k in range(n)])
                 cond = torch.cat([conds, pipe.null_cond.expand(n, -1)])

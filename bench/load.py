@@ -77,9 +77,9 @@ def diffusers_loop(checkpoint: Path, requests: list[dict], device: str) -> tuple
     import diffusion
 
     pipe = diffusion.load(str(checkpoint), device)
-    sched = DDIMScheduler(num_train_timesteps=pipe.cfg.num_timesteps, trained_betas=pipe.schedule.betas.cpu().numpy(),
+    sched = DDIMScheduler(num_train_timesteps=pipe.card.num_timesteps, trained_betas=pipe.schedule.betas.cpu().numpy(),
                           clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing",
-                          prediction_type=pipe.cfg.prediction)
+                          prediction_type=pipe.card.prediction)
     latencies, evaluations = [], 0
     start = time.perf_counter()
     for req in requests:
@@ -87,7 +87,7 @@ def diffusers_loop(checkpoint: Path, requests: list[dict], device: str) -> tuple
         with torch.no_grad():
             cond = pipe.cond_vector(pipe.resolve(prompt=req["prompt"]))
             g = torch.Generator(device).manual_seed(req["seed"])
-            x = torch.randn((1, *pipe.cfg.image_shape), generator=g, device=device)
+            x = torch.randn((1, *pipe.card.image_shape), generator=g, device=device)
             sched.set_timesteps(req["steps"], device=device)
             c = torch.stack([cond, pipe.null_cond[0]])
             w = req["guidance"]

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -29,6 +29,13 @@ CLIP_MODES = ("none", "static", "dynamic")
 Net = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
+class Denoised(NamedTuple):
+    """What one evaluation tells every row's sampler."""
+    eps: torch.Tensor  # ε̄ consistent with x0: (x_t − sqrt(ᾱ)·x0)/sqrt(1−ᾱ) (re-derived where x̂0 was thresholded)
+    x0: torch.Tensor  # the (guided, thresholded) prediction x̂0
+    eps_model: torch.Tensor  # the guided ε̄ before thresholding (diffusers' DDIM steps with it)
+
+
 def clip_code(mode: str | None) -> int:
     mode = mode or "none"
     if mode not in CLIP_MODES:
@@ -36,8 +43,10 @@ def clip_code(mode: str | None) -> int:
     return CLIP_MODES.index(mode)
 
 
-def threshold_x0(x0: torch.Tensor, clip: torch.Tensor, pct: torch.Tensor, dynamic: bool) -> torch.Tensor:
-    """Each row's x̂0 thresholded by its mode (0 none, 1 static, 2 dynamic)."""
+def threshold_x0(x0: torch.Tensor, clip: torch.Tensor, pct: torch.Tensor, dynamic: bool,
+                 clip_range: float = 1.0) -> torch.Tensor:
+    """Each row's x̂0 thresholded by its mode (0 none, 1 static: clamped to [−r, r] with r the
+    model's ``clip_range``, 2 dynamic)."""
     shape = (-1, *([1] * (x0.ndim - 1)))
     s = torch.ones_like(pct)
     if dynamic:
@@ -47,6 +56,8 @@ def threshold_x0(x0: torch.Tensor, clip: torch.Tensor, pct: torch.Tensor, dynami
         s = torch.where(clip == 2, q.to(s.dtype), s)
     s = s.to(x0.dtype).reshape(shape)
     clipped = torch.maximum(torch.minimum(x0, s), -s) / s
+    if clip_range != 1.0:
+        clipped = torch.where((clip == 1).reshape(shape), x0.clamp(-clip_range, clip_range), clipped)
     return torch.where((clip > 0).reshape(shape), clipped, x0)
 
 
@@ -60,17 +71,17 @@ def net_inputs(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, null
 
 def combine(out_c: torch.Tensor, out_u: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule: Schedule,
             prediction: str, w: torch.Tensor, clip: torch.Tensor, pct: torch.Tensor, *,
-            dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ε̄, x̂0) per row from the network's conditional and unconditional outputs (pass the
-    conditional output twice when no row is guided: ε̄ = ε_c + w·(ε_c − ε_u) is then exactly ε_c)."""
+            dynamic: bool, clip_range: float = 1.0) -> Denoised:
+    """(ε̄, x̂0, ε̄ before thresholding) per row from the network's conditional and unconditional
+    outputs (pass the conditional output twice when no row is guided: ε̄ = ε_c + w·(ε_c − ε_u) is
+    then exactly ε_c)."""
     ab = gather_alpha_bar(schedule, t, x.ndim).to(x.dtype)
     eps_c = to_eps(prediction, out_c.to(x.dtype), x, ab)
     eps_u = to_eps(prediction, out_u.to(x.dtype), x, ab)
     eps = eps_c + w.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * (eps_c - eps_u)
     x0 = eps_to_x0(eps, x, ab)
-    x0_c = threshold_x0(x0, clip, pct, dynamic)
-    eps = torch.where((clip > 0).reshape(-1, *([1] * (x.ndim - 1))), x0_to_eps(x0_c, x, ab), eps)
-    return eps, x0_c
+    x0_c = threshold_x0(x0, clip, pct, dynamic, clip_range)
+    return Denoised(torch.where((clip > 0).reshape(-1, *([1] * (x.ndim - 1))), x0_to_eps(x0_c, x, ab), eps), x0_c, eps)
 
 
 def split(out: torch.Tensor, rows: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +91,7 @@ def split(out: torch.Tensor, rows: int, guided: bool) -> tuple[torch.Tensor, tor
 
 def guided_eps(net: Net, schedule: Schedule, prediction: str, x: torch.Tensor, t: torch.Tensor,
                cond: torch.Tensor | None, null_cond: torch.Tensor | None, w: torch.Tensor, clip: torch.Tensor,
-               pct: torch.Tensor, *, guided: bool, dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ε̄, x̂0) for every row from one forward pass of ``net``; ``guided`` needs ``cond`` and ``null_cond``."""
+               pct: torch.Tensor, *, guided: bool, dynamic: bool) -> Denoised:
+    """:class:`Denoised` for every row from one forward pass of ``net``; ``guided`` needs ``cond`` and ``null_cond``."""
     out_c, out_u = split(net(*net_inputs(x, t, cond, null_cond, guided)), x.shape[0], guided)
     return combine(out_c, out_u, x, t, schedule, prediction, w, clip, pct, dynamic=dynamic)

@@ -1,41 +1,36 @@
 """A loaded model ready to generate: ``diffusion.load(path).generate(prompt="nine")``.
 
-The pipeline owns what every caller needs around the samplers: the device and dtype (bf16 autocast
-on GPU, float32 on CPU), the schedule on that device, turning a request's prompt or class label into
-the model's conditioning vector (cached per condition), the null condition, the network call, and
-the :class:`diffusion.runner.Runner` that steps rows through it.
+The pipeline owns what every caller needs around the samplers, for any model that implements the
+model interface (:mod:`diffusion.models.card`: this project's checkpoints and diffusers folders
+alike): the device and dtype (bf16 autocast on GPU, float32 on CPU), the schedule on that device,
+turning a request's prompt or class label into the model's conditioning vector (cached per
+condition), the null condition, the network call, the model's defaults, and the
+:class:`diffusion.runner.Runner` that steps rows through it.
 
-Prompts and class labels work on both kinds of model: a class-conditional model accepts a prompt
-that names one of its classes (case-insensitive, e.g. "nine", "sneaker"); a text model accepts a
-class label (an index or a class name) and uses the class name as its prompt.
+Prompts and class labels work on both kinds of conditional model: a class-conditional model accepts
+a prompt that names one of its classes (case-insensitive, e.g. "nine", "sneaker"); a text model
+accepts a class label (an index or a class name) and uses the class name as its prompt.
+
+Edits (:mod:`diffusion.edits`) take ``image`` (model space, [C, H, W] or one per image), ``mask``
+([1, H, W], 1 where to repaint), ``strength`` and RePaint's ``jump_length`` / ``jump_n_sample``;
+:meth:`Pipeline.generate` takes PIL images for them (:func:`diffusion.imaging.image_tensor`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from diffusion.checkpoint import load_model
-from diffusion.imaging import to_pil
-from diffusion.models.model import DiffusionModel
+from diffusion import edits
+from diffusion.imaging import image_tensor, mask_tensor, to_pil
+from diffusion.models.card import Condition, ConditionError, Model, ModelCard
 from diffusion.runner import Acceleration, Runner
 from diffusion.samplers import get_sampler
-from diffusion.schedules import make_schedule
 from diffusion.table import RowRequest
 
-
-class ConditionError(ValueError):
-    """A prompt or class label the model cannot use (unknown class, wrong kind, too long)."""
-
-
-@dataclass(frozen=True)
-class Condition:
-    """A resolved request condition: what the model will actually be given."""
-    label: int | None  # class index (class-conditional models)
-    prompt: str | None  # text (text models)
+__all__ = ["Condition", "ConditionError", "Pipeline", "default_device", "load"]
 
 
 def default_device() -> torch.device:
@@ -43,14 +38,14 @@ def default_device() -> torch.device:
 
 
 class Pipeline:
-    def __init__(self, model: DiffusionModel, device: torch.device | str | None = None, name: str = "model",
+    def __init__(self, model: Model, device: torch.device | str | None = None, name: str = "model",
                  provenance: dict | None = None, bf16: bool | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.cfg = model.cfg
+        self.card: ModelCard = model.card
         self.name = name
         self.provenance = provenance or {}
-        self.schedule = make_schedule(self.cfg.schedule, self.cfg.num_timesteps).to(self.device)
+        self.schedule = self.card.schedule.to(self.device)
         self.autocast = (bf16 if bf16 is not None else self.device.type == "cuda")
         self._runner: Runner | None = None  # set by accelerate(): generate_rows then goes through it
         self._cond_cache: dict[Condition, torch.Tensor | None] = {}
@@ -59,7 +54,7 @@ class Pipeline:
 
     # --- conditioning -------------------------------------------------------------------------
     def class_index(self, label: int | str) -> int:
-        names = self.cfg.class_names
+        names = self.card.class_names
         if isinstance(label, bool):
             raise ConditionError("class_label must be an integer or a class name")
         if isinstance(label, int):
@@ -70,45 +65,42 @@ class Pipeline:
         lookup = {n.lower(): i for i, n in enumerate(names)}
         key = str(label).strip().lower()
         if key not in lookup:
-            raise ConditionError(f"unknown class {label!r}; known: {', '.join(names)}")
+            raise ConditionError(f"unknown class {label!r}; known: {', '.join(names)}" if names
+                                 else "this model has no class names")
         return lookup[key]
 
     def resolve(self, prompt: str | None = None, class_label: int | str | None = None) -> Condition:
         """What a request asks for, in the terms this model understands."""
         if prompt is not None and class_label is not None:
             raise ConditionError("give either prompt or class_label, not both")
-        has_text, has_class = self.cfg.text is not None, self.cfg.num_classes > 0
+        card = self.card
+        has_text, has_class = card.text_conditional, card.class_conditional
+        if not (has_text or has_class):
+            if prompt is not None or class_label is not None:
+                raise ConditionError("this model is unconditional: leave prompt and class_label out")
+            return Condition(None, None)
         if prompt is not None:
             if has_text:
-                enc = self.model.text_encoder
-                n = enc.token_count(prompt)
-                if n > enc.context_length - 2:
-                    raise ConditionError(f"prompt is {n} tokens; this model reads at most {enc.context_length - 2}")
+                n = self.model.token_count(prompt)
+                if n > card.max_prompt_tokens:
+                    raise ConditionError(f"prompt is {n} tokens; this model reads at most {card.max_prompt_tokens}")
                 return Condition(None, prompt)
-            if has_class:
-                return Condition(self.class_index(prompt), None)
-            raise ConditionError("this model is unconditional: leave prompt and class_label out")
+            return Condition(self.class_index(prompt), None)
         if class_label is not None:
             idx = self.class_index(class_label)
-            return Condition(idx if has_class else None, None if has_class else self.cfg.class_names[idx])
+            return Condition(idx if has_class else None, None if has_class else card.class_names[idx])
+        if not has_text and not card.guidable:
+            raise ConditionError("this class-conditional model has no null class: name a class "
+                                 "(class_label, or a prompt that names one)")
         return Condition(None, "" if has_text else None)  # unconditional
-
-    @functools.lru_cache(maxsize=4096)
-    def _text_embedding(self, prompt: str) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model.encode_prompts([prompt])[0]
 
     @torch.no_grad()
     def cond_vector(self, c: Condition) -> torch.Tensor | None:
-        """The conditioning vector [emb_dim] for one condition, computed once per condition (so a
-        request for a known condition costs no host-device round trip)."""
+        """The conditioning vector [D] for one condition, computed once per condition (so a request
+        for a known condition costs no host-device round trip)."""
         if c in self._cond_cache:
             return self._cond_cache[c]
-        if self.null_cond is None:
-            return None
-        labels = torch.tensor([c.label], device=self.device) if c.label is not None else None
-        text = self._text_embedding(c.prompt).unsqueeze(0) if (c.prompt is not None and self.cfg.text) else None
-        vec = self.model.condition(labels=labels, text_emb=text, batch=1)[0]
+        vec = self.model.cond_vector(c)
         if len(self._cond_cache) < 4096:
             self._cond_cache[c] = vec
         return vec
@@ -121,10 +113,11 @@ class Pipeline:
 
     def runner(self, capacity: int, max_steps: int | None = None, accel: Acceleration = Acceleration()) -> Runner:
         """A new :class:`Runner` for this model: up to ``capacity`` rows in flight, plans of up to
-        ``max_steps`` steps (default: the model's T)."""
-        return Runner(self.net, self.schedule, self.cfg.prediction, self.null_cond, self.cfg.image_shape,
-                      capacity=capacity, max_steps=max_steps or self.cfg.num_timesteps, device=self.device,
-                      accel=accel)
+        ``max_steps`` timesteps (default: the model's T)."""
+        card = self.card
+        return Runner(self.net, self.schedule, card.prediction, self.null_cond, card.image_shape,
+                      capacity=capacity, max_steps=max_steps or card.num_timesteps, device=self.device,
+                      accel=accel, cond_dim=card.cond_dim, clip_range=card.clip_range)
 
     def accelerate(self, capacity: int, accel: Acceleration, max_steps: int | None = None) -> Runner:
         """Route :meth:`generate_rows` through one long-lived runner, compiled (and its CUDA graphs
@@ -134,42 +127,88 @@ class Pipeline:
         self._runner = runner
         return runner
 
+    # --- requests -----------------------------------------------------------------------------
+    def plan(self, scheduler: str = "ddim", steps: int | None = None, spacing: str | None = None,
+             strength: float = 1.0, jump_length: int = 0, jump_n_sample: int = 1) -> list[int]:
+        """The timesteps a row visits (ValueError names what is wrong); ``edits.evaluations`` of it
+        is what the row costs."""
+        return edits.row_plan(get_sampler(scheduler), self.card.schedule, steps or self.card.default_steps,
+                              spacing, strength, jump_length, jump_n_sample)
+
+    def evaluations(self, scheduler: str = "ddim", steps: int | None = None, spacing: str | None = None,
+                    strength: float = 1.0, jump_length: int = 0, jump_n_sample: int = 1) -> int:
+        """Model evaluations one image of such a request needs."""
+        return edits.evaluations(get_sampler(scheduler),
+                                 self.plan(scheduler, steps, spacing, strength, jump_length, jump_n_sample))
+
+    def check_guidance(self, guidance: float | None) -> None:
+        """ConditionError when a guided request reaches a model without a null condition."""
+        if guidance and not self.card.guidable:
+            raise ConditionError("this model has no null condition, so classifier-free guidance is not possible: "
+                                 "leave guidance out or set it to 0" + (" (a class-conditional diffusers model "
+                                 "names its null class as null_class in diffusion_serve.json)"
+                                 if self.card.class_conditional else ""))
+
+    def row_request(self, condition: Condition, seed: int, scheduler: str = "ddim", steps: int | None = None,
+                    guidance: float | None = None, clip: str | None = None, percentile: float = 0.995,
+                    spacing: str | None = None, *, x_T: torch.Tensor | None = None, image: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None, strength: float = 1.0, jump_length: int = 0,
+                    jump_n_sample: int = 1, **options) -> RowRequest:
+        """One image in the runner's terms, with the model's defaults filled in (steps, guidance,
+        clipping, and the sampler options the model's format implies)."""
+        get_sampler(scheduler)
+        card = self.card
+        cond = self.cond_vector(condition)
+        guidance = card.default_guidance if guidance is None else guidance
+        self.check_guidance(guidance)
+        options = {**card.sampler_defaults.get(scheduler, {}), **options}
+        return RowRequest(scheduler, steps or card.default_steps, int(seed), cond,
+                          guidance=float(guidance) if cond is not None else 0.0, clip=clip or card.default_clip,
+                          percentile=float(percentile), spacing=spacing, options=options, x_T=x_T, image=image,
+                          mask=mask, strength=float(strength), jump_length=int(jump_length),
+                          jump_n_sample=int(jump_n_sample))
+
     # --- generation ---------------------------------------------------------------------------
     @torch.no_grad()
     def generate_tensor(self, prompt: str | None = None, class_label: int | str | None = None,
                         scheduler: str = "ddim", steps: int | None = None, guidance: float | None = None,
                         seed: int | None = None, num_images: int = 1, clip: str | None = None,
-                        percentile: float = 0.995, spacing: str | None = None, **options) -> torch.Tensor:
+                        percentile: float = 0.995, spacing: str | None = None, **kw) -> torch.Tensor:
         """Images [N, C, H, W] in model space (about [-1, 1]), unclipped. Left out, ``steps``,
-        ``guidance`` and ``clip`` take the model's defaults."""
+        ``guidance`` and ``clip`` take the model's defaults. ``x_T`` [N, C, H, W] starts from that
+        noise instead of the seeds' (diffusers' ``latents``); the edit arguments and sampler options
+        are those of :meth:`generate_rows`."""
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
         cond = self.resolve(prompt, class_label)
         return self.generate_rows([cond] * num_images, [seed + k for k in range(num_images)], scheduler, steps,
-                                  guidance, clip, percentile, spacing, **options)
-
-    def row_request(self, condition: Condition, seed: int, scheduler: str = "ddim", steps: int | None = None,
-                    guidance: float | None = None, clip: str | None = None, percentile: float = 0.995,
-                    spacing: str | None = None, **options) -> RowRequest:
-        """One image in the runner's terms, with the model's defaults filled in."""
-        get_sampler(scheduler)
-        cond = self.cond_vector(condition)
-        guidance = self.cfg.default_guidance if guidance is None else guidance
-        return RowRequest(scheduler, steps or self.cfg.default_steps, int(seed), cond,
-                          guidance=float(guidance) if cond is not None else 0.0, clip=clip or self.cfg.default_clip,
-                          percentile=float(percentile), spacing=spacing, options=options)
+                                  guidance, clip, percentile, spacing, **kw)
 
     @torch.no_grad()
     def generate_rows(self, conditions: Sequence[Condition], seeds: Sequence[int], scheduler: str = "ddim",
                       steps: int | None = None, guidance: float | None = None, clip: str | None = None,
-                      percentile: float = 0.995, spacing: str | None = None, **options) -> torch.Tensor:
+                      percentile: float = 0.995, spacing: str | None = None, *, x_T: torch.Tensor | None = None,
+                      image: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
+                      jump_length: int = 0, jump_n_sample: int = 1, **options) -> torch.Tensor:
         """Images [N, C, H, W] for N rows, row i with its own resolved condition and seed, all rows in
         the same forward passes (as many at once as the runner holds; rows join as others finish).
-        Row i is the image that ``generate_tensor`` gives for that condition and seed alone."""
-        if len(conditions) != len(seeds) or not conditions:
-            raise ValueError(f"need one seed per condition, got {len(conditions)} conditions and {len(seeds)} seeds")
-        rows = [self.row_request(c, s, scheduler, steps, guidance, clip, percentile, spacing, **options)
-                for c, s in zip(conditions, seeds)]
-        runner = self._runner if self._runner is not None else self.runner(len(rows), max(r.steps for r in rows))
+        Row i is the image that ``generate_tensor`` gives for that condition and seed alone.
+
+        ``x_T`` [N, C, H, W]: starting noise per row. ``image`` ([C, H, W] for every row, or
+        [N, C, H, W]) with ``strength`` < 1: image-to-image; with ``mask`` ([1, H, W] or [N, 1, H, W],
+        1 where to repaint): inpainting, RePaint's resampling with ``jump_length`` and ``jump_n_sample``."""
+        n = len(conditions)
+        if n != len(seeds) or not conditions:
+            raise ValueError(f"need one seed per condition, got {n} conditions and {len(seeds)} seeds")
+        per_row = {"x_T": _per_row(x_T, n, 4, "x_T"), "image": _per_row(image, n, 4, "image"),
+                   "mask": _per_row(mask, n, 4, "mask")}
+        rows = [self.row_request(c, s, scheduler, steps, guidance, clip, percentile, spacing, strength=strength,
+                                 jump_length=jump_length, jump_n_sample=jump_n_sample,
+                                 **{k: v[j] for k, v in per_row.items() if v is not None}, **options)
+                for j, (c, s) in enumerate(zip(conditions, seeds))]
+        runner = self._runner
+        if runner is None:  # every row has the same plan
+            runner = self.runner(len(rows), len(self.plan(scheduler, rows[0].steps, spacing, strength, jump_length,
+                                                          jump_n_sample)))
         pending, handles, got = list(range(len(rows))), {}, {}
         while pending or len(runner):
             if pending and runner.table.free:
@@ -182,16 +221,38 @@ class Pipeline:
 
     def generate(self, prompt: str | None = None, class_label: int | str | None = None, scheduler: str = "ddim",
                  steps: int | None = None, guidance: float | None = None, seed: int | None = None,
-                 num_images: int = 1, **options) -> list:
-        """PIL images for a prompt or class label; ``seed`` (default random) seeds image k with seed + k."""
-        x = self.generate_tensor(prompt, class_label, scheduler, steps, guidance, seed, num_images, **options)
+                 num_images: int = 1, image=None, mask=None, **kw) -> list:
+        """PIL images for a prompt or class label; ``seed`` (default random) seeds image k with seed + k.
+        ``image`` and ``mask`` may be PIL images (converted by :func:`diffusion.imaging.image_tensor`
+        and :func:`diffusion.imaging.mask_tensor`) or tensors as :meth:`generate_rows` takes them."""
+        if image is not None and not isinstance(image, torch.Tensor):
+            if mask is not None and not isinstance(mask, torch.Tensor) and mask.size != image.size:
+                raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]}, the image {image.size[0]}x{image.size[1]}")
+            image = image_tensor(image, self.card.image_shape)
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            mask = mask_tensor(mask, self.card.image_shape[1:])
+        x = self.generate_tensor(prompt, class_label, scheduler, steps, guidance, seed, num_images, image=image,
+                                 mask=mask, **kw)
         return [to_pil(img) for img in x]
 
 
+def _per_row(t: torch.Tensor | None, n: int, ndim: int, name: str) -> torch.Tensor | None:
+    """A tensor given for every row ([N, ...]) or once ([...]), as [N, ...]."""
+    if t is None:
+        return None
+    if t.ndim == ndim - 1:
+        return t.unsqueeze(0).expand(n, *t.shape)
+    if t.ndim != ndim or t.shape[0] != n:
+        raise ValueError(f"{name} must be [{n}, ...] (one per image) or one for all, got shape {list(t.shape)}")
+    return t
+
+
 def load(path: str, device: torch.device | str | None = None, bf16: bool | None = None) -> Pipeline:
-    """Load a checkpoint (safetensors, validated) into a ready pipeline, on the GPU when there is one."""
-    from pathlib import Path
+    """Load a model into a ready pipeline, on the GPU when there is one: a ``.safetensors`` checkpoint
+    of this project, or a diffusers pipeline or model folder (:func:`diffusion.loading.load_model`)."""
+    from diffusion.loading import load_model
 
     dev = torch.device(device) if device is not None else default_device()
     model, prov = load_model(path, dev)
-    return Pipeline(model, dev, name=Path(path).stem, provenance=prov, bf16=bf16)
+    p = Path(path)
+    return Pipeline(model, dev, name=p.stem if p.is_file() else p.name, provenance=prov, bf16=bf16)

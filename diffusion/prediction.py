@@ -1,7 +1,8 @@
 """The one place that owns the prediction type.
 
-The network may predict ε ("epsilon", the default and the study's choice) or v = √ᾱ·ε − √(1−ᾱ)·x0
-("v", Salimans & Ho 2022). The training loss asks :func:`training_target` what to regress on;
+The network may predict ε ("epsilon", the default and the study's choice), v = √ᾱ·ε − √(1−ᾱ)·x0
+("v", Salimans & Ho 2022; diffusers' "v_prediction") or the clean image x0 itself ("sample", as
+diffusers calls it). The training loss asks :func:`training_target` what to regress on;
 samplers only ever see ε through :func:`to_eps` and never branch on the prediction type.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v")
+PREDICTION_TYPES = ("epsilon", "v", "sample")
 
 
 def to_eps(prediction: str, out: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -19,6 +20,8 @@ def to_eps(prediction: str, out: torch.Tensor, x_t: torch.Tensor, alpha_bar: tor
     if prediction == "v":
         a, s = alpha_bar.sqrt().to(out.dtype), (1 - alpha_bar).sqrt().to(out.dtype)
         return s * x_t + a * out
+    if prediction == "sample":
+        return x0_to_eps(out, x_t, alpha_bar)
     raise ValueError(f"unknown prediction type {prediction!r}")
 
 
@@ -28,6 +31,8 @@ def training_target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, alpha_
         return eps
     if prediction == "v":
         return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+    if prediction == "sample":
+        return x0
     raise ValueError(f"unknown prediction type {prediction!r}")
 
 

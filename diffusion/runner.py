@@ -13,7 +13,7 @@ rows are done.
 - ``compile``: the network and the sampler math go through ``torch.compile`` with a dynamic batch
   dimension (compiled once, not per size), and the batch is padded to a bucket size.
 - ``cuda_graphs``: at :meth:`Runner.warm_up` every (bucket, guided, dynamic) variant of the whole
-  iteration (sampler math, noise, guidance and network together) is captured as one CUDA graph
+  iteration (sampler math, noise, guidance, edits and network together) is captured as one CUDA graph
   over the table's fixed buffers; a step is then one graph replay.
 """
 
@@ -71,14 +71,18 @@ class Acceleration:
 class Runner:
     def __init__(self, net: Net, schedule: Schedule, prediction: str, null_cond: torch.Tensor | None,
                  image_shape: Sequence[int], *, capacity: int, max_steps: int, device: torch.device | str,
-                 accel: Acceleration = Acceleration(), capturer=None):
+                 accel: Acceleration = Acceleration(), capturer=None, cond_dim: int | None = None,
+                 clip_range: float = 1.0):
+        """``cond_dim``: the length of a conditioning vector (default: the null condition's; give it
+        for a conditional model that has no null condition), ``clip_range``: static clipping's bound."""
         self.device = torch.device(device)
         if accel.cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        self.net, self.prediction, self.accel = net, prediction, accel
+        self.net, self.prediction, self.accel, self.clip_range = net, prediction, accel, float(clip_range)
         self.schedule = schedule.to(self.device)
         self.null_cond = None if null_cond is None else null_cond.to(self.device)
-        cond_dim = None if null_cond is None else int(null_cond.shape[-1])
+        if cond_dim is None and null_cond is not None:
+            cond_dim = int(null_cond.shape[-1])
         self.table = RowTable(capacity, image_shape, max_steps, schedule, cond_dim, self.device)
         wanted = accel.buckets or power_of_two_buckets(capacity)
         self.buckets = tuple(sorted({min(int(b), capacity) for b in wanted} | {capacity}))
@@ -116,15 +120,15 @@ class Runner:
         return next(b for b in self.buckets if b >= n)
 
     # --- iterations ---------------------------------------------------------------------------
-    def _run(self, b: int, *, kinds: tuple[int, ...], guided: bool, dynamic: bool, noise: bool) -> None:
+    def _run(self, b: int, *, kinds: tuple[int, ...], guided: bool, dynamic: bool, noise: bool, edit: bool) -> None:
         state = self.table.view(b)
         guided = is_guided(state, self.null_cond, guided)
         x_in, t_in, x_all, t_all, c_all = self._prepare(self.schedule, state, self.null_cond, kinds=kinds,
                                                         guided=guided)
         out_c, out_u = split(self._net(x_all, t_all, c_all), b, guided)
-        eps, x0 = self._combine(out_c, out_u, x_in, t_in, self.schedule, self.prediction, state.w, state.clip,
-                                state.pct, dynamic=dynamic)
-        self.table.write(b, self._advance(self.schedule, state, eps, x0, kinds=kinds, noise=noise))
+        d = self._combine(out_c, out_u, x_in, t_in, self.schedule, self.prediction, state.w, state.clip, state.pct,
+                          dynamic=dynamic, clip_range=self.clip_range)
+        self.table.write(b, self._advance(self.schedule, state, d, kinds=kinds, noise=noise, edit=edit))
 
     def step(self, limit: int | None = None) -> list[int]:
         """One iteration; the handles of the rows it finished. Every row in flight is stepped, or,
@@ -144,7 +148,7 @@ class Runner:
             if replay is not None:
                 replay()
             else:
-                self._run(b, kinds=ALL_KINDS, guided=flags["guided"], dynamic=flags["dynamic"], noise=True)
+                self._run(b, kinds=ALL_KINDS, guided=flags["guided"], dynamic=flags["dynamic"], noise=True, edit=True)
         self.iterations += 1
         return self.table.advance(b)
 
@@ -162,7 +166,7 @@ class Runner:
         if len(self.table):
             raise RuntimeError("warm up a runner before adding rows")
         for b, guided, dynamic in self.variants():
-            kw = dict(kinds=ALL_KINDS, guided=guided, dynamic=dynamic, noise=True)
+            kw = dict(kinds=ALL_KINDS, guided=guided, dynamic=dynamic, noise=True, edit=True)
             if self.capturer is None:
                 self._run(b, **kw)
             else:

@@ -41,6 +41,18 @@ class Schedule:
     def to(self, device: torch.device | str) -> "Schedule":
         return Schedule(self.kind, self.betas.to(device), self.alphas_cumprod.to(device))
 
+    @classmethod
+    def from_betas(cls, kind: str, betas: torch.Tensor, dtype: torch.dtype = torch.float64) -> "Schedule":
+        """ᾱ_t = prod_{s<=t} (1 − β_s) computed in ``dtype`` (float32 reproduces a model trained with
+        diffusers, whose schedulers keep β and ᾱ in float32), stored in float64 like every schedule."""
+        betas = torch.as_tensor(betas).to(dtype)
+        if betas.ndim != 1 or betas.numel() < 2:
+            raise ValueError(f"betas must be a vector of at least 2 values, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("every beta must be in (0, 1)")
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        return cls(kind, betas.double(), alphas_cumprod.double())
+
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """DDPM (Ho et al. 2020): β linear from 1e-4 to 0.02 for T = 1000.
@@ -71,8 +83,7 @@ def make_schedule(kind: str = "linear", num_timesteps: int = 1000) -> Schedule:
         raise ValueError(f"unknown schedule kind {kind!r}; expected one of {list(_BETAS)}")
     if num_timesteps < 2:
         raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
-    betas = _BETAS[kind](num_timesteps)
-    return Schedule(kind, betas, torch.cumprod(1.0 - betas, dim=0))
+    return Schedule.from_betas(kind, _BETAS[kind](num_timesteps))
 
 
 def karras_timesteps(schedule: Schedule, steps: int, rho: float = 7.0, sigma_max: float = 80.0) -> list[int]:

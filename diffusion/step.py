@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from diffusion.guidance import Net, combine, net_inputs, split
+from diffusion import edits
+from diffusion.guidance import Denoised, Net, combine, net_inputs, split
 from diffusion.noise import gaussian, step_counter
 from diffusion.samplers import KINDS, SAMPLERS, Sampler
 from diffusion.samplers.base import RowState, bcast, current_t
@@ -44,22 +45,23 @@ def prepare(schedule: Schedule, state: RowState, null_cond: torch.Tensor | None,
     return (x_in, t_in, *net_inputs(x_in, t_in, state.cond, null_cond, guided))
 
 
-def advance(schedule: Schedule, state: RowState, eps: torch.Tensor, x0: torch.Tensor, *, kinds: tuple[int, ...],
-            noise: bool) -> dict[str, torch.Tensor]:
-    """The state's new fields once every row's ε̄ (and x̂0) is known: ``x``, ``x0``, ``i``, ``stage``
-    and the samplers' own buffers (by name)."""
+def advance(schedule: Schedule, state: RowState, d: Denoised, *, kinds: tuple[int, ...], noise: bool,
+            edit: bool = True) -> dict[str, torch.Tensor]:
+    """The state's new fields once every row's evaluation is known: ``x``, ``x0``, ``i``, ``stage``
+    and the samplers' own buffers (by name); then, with ``edit`` (needed when a row keeps part of a
+    known image or its plan jumps back up), :func:`diffusion.edits.apply`."""
     z = gaussian(state.seed, step_counter(state.i, state.stage), tuple(state.x.shape[1:]), state.x.dtype) \
         if noise else None
-    new = {"x": state.x, "i": state.i, "stage": state.stage, "x0": x0}
+    new = {"x": state.x, "i": state.i, "stage": state.stage, "x0": d.x0}
     for k in kinds:
-        fields = SAMPLERS[KINDS[k]].update(schedule, state, eps, z)
+        fields = SAMPLERS[KINDS[k]].update(schedule, state, d, z)
         sel = state.kind == k
         for name, value in fields.items():
             if name in SHARED:
                 new[name] = torch.where(bcast(sel, value.ndim), value, new[name])
             else:
                 new[name] = value  # private: meaningless in other samplers' rows, reset on admission
-    return new
+    return edits.apply(schedule, state, new) if edit else new
 
 
 def is_guided(state: RowState, null_cond: torch.Tensor | None, guided: bool) -> bool:
@@ -68,14 +70,16 @@ def is_guided(state: RowState, null_cond: torch.Tensor | None, guided: bool) -> 
 
 def iterate(state: RowState, net: Net, schedule: Schedule, prediction: str, null_cond: torch.Tensor | None, *,
             kinds: tuple[int, ...] = ALL_KINDS, guided: bool = True, dynamic: bool = True,
-            noise: bool = True) -> dict[str, torch.Tensor]:
+            noise: bool = True, edit: bool = True, clip_range: float = 1.0) -> dict[str, torch.Tensor]:
     """The state's fields after one model evaluation of every row (see :func:`advance`). Rows of
-    samplers not in ``kinds`` must not exist; ``noise`` must be on if any row draws noise."""
+    samplers not in ``kinds`` must not exist; ``noise`` must be on if any row draws noise, ``edit``
+    if any row edits (keeps known pixels or resamples)."""
     guided = is_guided(state, null_cond, guided)
     x_in, t_in, x_all, t_all, c_all = prepare(schedule, state, null_cond, kinds=kinds, guided=guided)
     out_c, out_u = split(net(x_all, t_all, c_all), state.batch, guided)
-    eps, x0 = combine(out_c, out_u, x_in, t_in, schedule, prediction, state.w, state.clip, state.pct, dynamic=dynamic)
-    return advance(schedule, state, eps, x0, kinds=kinds, noise=noise)
+    d = combine(out_c, out_u, x_in, t_in, schedule, prediction, state.w, state.clip, state.pct, dynamic=dynamic,
+                clip_range=clip_range)
+    return advance(schedule, state, d, kinds=kinds, noise=noise, edit=edit)
 
 
 def done(state: RowState) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from diffusion import edits
 from diffusion.guidance import clip_code
 from diffusion.noise import gaussian
 from diffusion.samplers import KINDS, SAMPLERS, get_sampler
@@ -40,8 +41,15 @@ class RowRequest:
     clip: str = "none"
     percentile: float = 0.995
     spacing: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)  # eta (ddim), variance (ddpm), alpha (heun)
+    options: Mapping[str, Any] = field(default_factory=dict)  # eta, model_eps (ddim), variance (ddpm), alpha (heun)
     x_T: torch.Tensor | None = None  # starting noise [C, H, W]; default: the seed's counter-based draw
+    # Edits (diffusion.edits): the given image [C, H, W] in model space, where to repaint it
+    # ([1, H, W], 1: repaint, 0: keep the given pixel; None: no inpainting), the strength, RePaint.
+    image: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    strength: float = 1.0
+    jump_length: int = 0
+    jump_n_sample: int = 1
 
 
 @dataclass
@@ -52,6 +60,7 @@ class _Row:
     guided: bool
     dynamic: bool
     noise: bool
+    edit: bool  # keeps known pixels or jumps back up (diffusion.edits)
     total: int  # model evaluations this row needs
     priority: int = 1  # 0: latency-sensitive (kept in front), 1: bulk
     done: int = 0  # evaluations so far
@@ -86,7 +95,8 @@ class RowTable:
             ts=torch.full((n, self.width), -1, dtype=torch.long, device=dev), i=zeros(torch.long),
             stage=zeros(torch.long), kind=torch.full((n,), -1, dtype=torch.long, device=dev), seed=zeros(torch.long),
             cond=None if cond_dim is None else torch.zeros(n, cond_dim, device=dev), w=zeros(torch.float32),
-            clip=zeros(torch.long), pct=torch.ones(n, device=dev), extra=extra)
+            clip=zeros(torch.long), pct=torch.ones(n, device=dev), known=image(),
+            keep=torch.zeros(n, 1, *self.image_shape[1:], dtype=dtype, device=dev), extra=extra)
         self.rows: list[_Row] = []  # slot -> its row; slots [0, len(rows)) are occupied
         self._slot: dict[int, int] = {}  # handle -> slot
         self._handles = itertools.count()
@@ -108,7 +118,8 @@ class RowTable:
         """Host-side facts about the rows in slots [0, b) that select the iteration's variant."""
         rows = self.rows[:b]
         return {"kinds": tuple(sorted({r.kind for r in rows})), "guided": any(r.guided for r in rows),
-                "dynamic": any(r.dynamic for r in rows), "noise": any(r.noise for r in rows)}
+                "dynamic": any(r.dynamic for r in rows), "noise": any(r.noise for r in rows),
+                "edit": any(r.edit for r in rows)}
 
     def progress(self, handle: int) -> tuple[int, int]:
         """(model evaluations done, needed) of a row."""
@@ -121,7 +132,7 @@ class RowTable:
         cut = lambda v: None if v is None else v[:b]  # noqa: E731
         return RowState(x=s.x[:b], x0=s.x0[:b], ts=s.ts[:b], i=s.i[:b], stage=s.stage[:b], kind=s.kind[:b],
                         seed=s.seed[:b], cond=cut(s.cond), w=s.w[:b], clip=s.clip[:b], pct=s.pct[:b],
-                        extra={k: v[:b] for k, v in s.extra.items()})
+                        known=s.known[:b], keep=s.keep[:b], extra={k: v[:b] for k, v in s.extra.items()})
 
     def write(self, b: int, fields: Mapping[str, torch.Tensor]) -> None:
         """Copy an iteration's new field values into the first ``b`` slots."""
@@ -138,11 +149,17 @@ class RowTable:
         if not 0 < req.percentile <= 1:
             raise ValueError(f"percentile must be in (0, 1], got {req.percentile}")
         clip_code(req.clip)
-        plan = sampler.plan(self.plan_schedule, req.steps, req.spacing)
+        plan = edits.row_plan(sampler, self.plan_schedule, req.steps, req.spacing, req.strength, req.jump_length,
+                              req.jump_n_sample)
         if len(plan) >= self.width:
-            raise ValueError(f"{req.steps} steps exceed this table's limit of {self.width - 1}")
+            raise ValueError(f"a plan of {len(plan)} timesteps exceeds this table's limit of {self.width - 1}")
         if (req.cond is None) != (self.state.cond is None):
             raise ValueError("a conditioning vector is needed exactly when the model is conditional")
+        for name, t, shape in (("image", req.image, self.image_shape), ("mask", req.mask, (1, *self.image_shape[1:]))):
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+        if req.mask is not None and req.image is None:
+            raise ValueError("a mask needs the image it masks")
         return _Prepared(req, KINDS.index(req.sampler), plan, sampler.options(**req.options))
 
     def add(self, reqs: Sequence[RowRequest], priority: int = 1) -> list[int]:
@@ -161,8 +178,9 @@ class RowTable:
             sampler = SAMPLERS[p.req.sampler]
             guided = p.req.guidance > 0 and p.req.cond is not None
             rows_at[len(rows_at)] = _Row(next(self._handles), p.kind, guided=guided, dynamic=p.req.clip == "dynamic",
-                                         noise=sampler.needs_noise(p.opts), total=sampler.evaluations(p.req.steps),
-                                         priority=priority)
+                                         noise=sampler.needs_noise(p.opts),
+                                         edit=p.req.mask is not None or edits.jumps(p.plan) > 0,
+                                         total=edits.evaluations(sampler, p.plan), priority=priority)
         self._arrange(rows_at)
         return [r.handle for r in list(rows_at.values())[first:]]
 
@@ -180,7 +198,19 @@ class RowTable:
         for j, p in enumerate(prepared):
             ts[j, :len(p.plan)] = torch.tensor(p.plan)
         host = lambda vals, dt: self._h2d(torch.tensor(vals, dtype=dt))  # noqa: E731
-        values = {"x": x_T, "x0": torch.zeros_like(x_T), "ts": self._h2d(ts),
+        known, keep = torch.zeros_like(x_T), torch.zeros(k, 1, *self.image_shape[1:], dtype=s.x.dtype, device=dev)
+        edited = [j for j, p in enumerate(prepared) if p.req.image is not None]
+        if edited:
+            at = self._h2d(torch.tensor(edited))
+            known.index_copy_(0, at, self._h2d(torch.stack([prepared[j].req.image.to(s.x.dtype) for j in edited])))
+            masked = [j for j in edited if prepared[j].req.mask is not None]
+            if masked:
+                keep.index_copy_(0, self._h2d(torch.tensor(masked)), self._h2d(
+                    torch.stack([(prepared[j].req.mask < 0.5).to(s.x.dtype) for j in masked])))
+            noised = [p.req.image is not None and p.req.strength < 1 for p in prepared]
+            x_T = edits.start(x_T, known, host([float(self.plan_schedule.alphas_cumprod[p.plan[0]]) for p in prepared],
+                                               torch.float64), host(noised, torch.bool))
+        values = {"x": x_T, "x0": torch.zeros_like(x_T), "ts": self._h2d(ts), "known": known, "keep": keep,
                   "i": torch.zeros(k, dtype=torch.long, device=dev), "stage": torch.zeros(k, dtype=torch.long, device=dev),
                   "kind": host([p.kind for p in prepared], torch.long),
                   "seed": seeds, "w": host([float(p.req.guidance) for p in prepared], torch.float32),
@@ -257,7 +287,7 @@ class RowTable:
     def _move(self, src: list[int], dst: list[int]) -> None:
         s = self.state
         i_src, i_dst = self._h2d(torch.tensor(src, dtype=torch.long)), self._h2d(torch.tensor(dst, dtype=torch.long))
-        bufs = [s.x, s.x0, s.ts, s.i, s.stage, s.kind, s.seed, s.w, s.clip, s.pct, *s.extra.values()]
+        bufs = [s.x, s.x0, s.ts, s.i, s.stage, s.kind, s.seed, s.w, s.clip, s.pct, s.known, s.keep, *s.extra.values()]
         if s.cond is not None:
             bufs.append(s.cond)
         for buf in bufs:

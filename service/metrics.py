@@ -29,8 +29,9 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self.requests = Counter("diffusion_requests_total", "Generation requests by outcome (HTTP status code)",
-                                ["model", "scheduler", "status"], registry=r)
+        self.requests = Counter("diffusion_requests_total", "Generation and edit requests by kind (generation, "
+                                "edit, variation) and outcome (HTTP status code)", ["model", "scheduler", "kind",
+                                                                                    "status"], registry=r)
         self.duration = Histogram("diffusion_request_duration_seconds", "End-to-end /generate latency",
                                   ["model", "scheduler"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait_s = Histogram("diffusion_queue_wait_seconds", "Time from submission to the first step",
@@ -80,10 +81,11 @@ class Metrics:
         self.images_total.labels(model).inc(count)
 
     # --- the HTTP layer ---------------------------------------------------------------------------
-    def request(self, model: str, scheduler: str, status: int, seconds: float | None = None) -> None:
-        """One finished generation request (/generate, /v1/images/generations); ``status`` is its HTTP
-        status code (200 for a stream, whatever its last event)."""
-        self.requests.labels(model, scheduler, str(status)).inc()
+    def request(self, model: str, scheduler: str, status: int, seconds: float | None = None,
+                kind: str = "generation") -> None:
+        """One finished generation or edit request (/generate, /v1/images/generations, /edits,
+        /variations); ``status`` is its HTTP status code (200 for a stream, whatever its last event)."""
+        self.requests.labels(model, scheduler, kind, str(status)).inc()
         if seconds is not None and status == 200:
             self.duration.labels(model, scheduler).observe(seconds)
 

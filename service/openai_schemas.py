@@ -74,6 +74,12 @@ class OpenAIModel(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(description="When the checkpoint was saved (Unix time; 0 when it does not say).")
     owned_by: str = "diffusion-serve"
+    # this service's own fields (the openai client keeps them as extra attributes)
+    size: str = Field(description="The one WIDTHxHEIGHT this model makes.")
+    image_shape: list[int] = Field(description="[channels, height, width].")
+    conditioning: str = Field(description="class, text, class+text or none.")
+    parameters: int
+    source: str = Field(description="diffusion-serve checkpoint, diffusers pipeline folder or diffusers model folder.")
 
 
 class OpenAIModelList(BaseModel):

@@ -1,4 +1,6 @@
-"""The models the service serves: every checkpoint in one directory, loaded onto one device."""
+"""The models the service serves: every model directly in one directory, loaded onto one device:
+this project's ``*.safetensors`` checkpoints (named by file stem) and diffusers pipeline or model
+folders (named by folder; see :mod:`diffusion.diffusers_format`). Other files and folders are ignored."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 
 import diffusion
 from diffusion import Pipeline
+from diffusion.loading import is_model
 
 log = logging.getLogger("service.registry")
 
@@ -19,16 +22,25 @@ class NoCheckpoints(RuntimeError):
     """The checkpoint directory holds nothing to serve."""
 
 
+def model_name(path: Path) -> str:
+    return path.stem if path.is_file() else path.name
+
+
 def find_checkpoints(directory: Path) -> list[Path]:
-    """The ``*.safetensors`` files directly in ``directory``, by name; a clear error when there are none."""
+    """The models directly in ``directory`` (``*.safetensors`` files and diffusers folders), by name; a
+    clear error when there are none or two share a name."""
     directory = Path(directory)
     if not directory.is_dir():
         raise NoCheckpoints(f"checkpoint directory {directory.resolve()} does not exist "
                             "(set --checkpoint-dir / DIFFUSION_CHECKPOINT_DIR)")
-    paths = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+    paths = sorted((p for p in directory.iterdir() if is_model(p)), key=lambda p: (model_name(p), p.name))
     if not paths:
-        raise NoCheckpoints(f"no *.safetensors checkpoint in {directory.resolve()} "
+        raise NoCheckpoints(f"no *.safetensors checkpoint nor diffusers model folder in {directory.resolve()} "
                             "(train one with `python -m training` or point --checkpoint-dir at a directory that has one)")
+    names = [model_name(p) for p in paths]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise NoCheckpoints(f"two models in {directory.resolve()} share the name {twice[0]!r} (a file and a folder)")
     return paths
 
 
@@ -55,8 +67,8 @@ class ModelRegistry:
         for path in find_checkpoints(directory):
             pipe = diffusion.load(str(path), device)  # CheckpointError names the bad file
             pipelines[pipe.name] = pipe
-            log.info("loaded model %s (%s, %s) on %s", pipe.name, pipe.cfg.conditioning,
-                     "x".join(map(str, pipe.cfg.image_shape)), device)
+            log.info("loaded model %s (%s, %s, %s, %d parameters) on %s", pipe.name, pipe.card.source,
+                     pipe.card.conditioning, "x".join(map(str, pipe.card.image_shape)), pipe.card.parameters, device)
         if default is None:
             default = PREFERRED_DEFAULT if PREFERRED_DEFAULT in pipelines else next(iter(pipelines))
         return cls(pipelines, default)

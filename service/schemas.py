@@ -40,11 +40,33 @@ class Sampling(BaseModel):
                                                "sampler's own (trailing, from σ = 80 for pndm; karras for heun).")
 
 
-class GenerateRequest(Sampling):
+class Editing(BaseModel):
+    """What an edit adds to a request: the native API's and the OpenAI endpoints' share."""
+    model_config = ConfigDict(extra="forbid")
+
+    strength: float | None = Field(None, strict=True, gt=0, le=1, allow_inf_nan=False, description="Edits: how "
+                                   "far down the plan the image is noised before denoising (SDEdit), 0 < s ≤ 1: "
+                                   "the row starts at the planned step nearest s·T; 1 redraws from noise. Default: "
+                                   "1 with a mask, the service's variation_strength without one.")
+    jump_length: int | None = Field(None, strict=True, ge=1, description="Inpainting: RePaint's resampling, "
+                                    "jump back up this many planned steps (with jump_n_sample ≥ 2; ddpm or ddim).")
+    jump_n_sample: int | None = Field(None, strict=True, ge=1, description="Inpainting: RePaint's resampling, "
+                                      "how often each stretch is denoised (1: no resampling).")
+
+
+class GenerateRequest(Sampling, Editing):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"prompt": "nine", "scheduler": "ddim", "steps": 50, "seed": 0},
                      {"class_label": 7, "scheduler": "dpmpp_2m", "steps": 20, "guidance": 3.0, "num_images": 4},
-                     {"prompt": "nine", "steps": 20, "stream": True, "preview_every": 5}]})
+                     {"prompt": "nine", "steps": 20, "stream": True, "preview_every": 5},
+                     {"prompt": "nine", "image": "data:image/png;base64,…", "strength": 0.6}]})
+
+    image: str | None = Field(None, description="Edits: the image to start from, a base64 PNG, JPEG or WebP (or a "
+                              "data: URL of one); converted to the model's size and mode (centre-cropped, resized; "
+                              "L or RGB).")
+    mask: str | None = Field(None, description="Inpainting: where to repaint the image, same size as it, base64 "
+                             "as the image. With an alpha channel, repaint where alpha = 0 (OpenAI's "
+                             "convention); without one, where it is white (≥ 128).")
 
     prompt: str | None = Field(None, description="Text. A class-conditional model accepts a prompt that names one "
                                "of its classes (\"nine\", \"Sneaker\", case-insensitive).")
@@ -75,6 +97,8 @@ class GenerateResponse(BaseModel):
     scheduler: str
     steps: int
     guidance: float
+    evaluations: int = Field(description="Model evaluations per image (an edit runs only its share of the plan).")
+    strength: float | None = Field(None, description="Edits: the strength used.")
     timings: Timings
     request_id: str
 
@@ -83,8 +107,14 @@ class ModelInfo(BaseModel):
     name: str
     default: bool
     conditioning: str = Field(description="class, text, class+text or none.")
+    guidance: bool = Field(description="Classifier-free guidance possible (the model has a null condition).")
     class_names: list[str]
     image_shape: list[int] = Field(description="[channels, height, width].")
+    size: str = Field(description="WIDTHxHEIGHT (the OpenAI endpoints' size).")
+    parameters: int = Field(description="Parameters of the network (and its conditioning).")
+    architecture: str
+    source: str = Field(description="The format it was loaded from: diffusion-serve checkpoint, diffusers "
+                        "pipeline folder or diffusers model folder.")
     schedule: str
     num_timesteps: int
     prediction: str

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     # --- where and what ------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
-    checkpoint_dir: Path = Field(Path("checkpoints"), description="every *.safetensors in it is served")
+    checkpoint_dir: Path = Field(Path("checkpoints"), description="every *.safetensors and diffusers model folder "
+                                 "directly in it is served")
     default_model: str | None = Field(None, description="model used when a request names none "
                                       "(default: mnist-text-compact if present, else the first by name)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
@@ -54,6 +55,10 @@ class Settings(BaseSettings):
     max_images: int = Field(8, ge=1, description="num_images per request")
     max_steps: int = Field(1000, ge=1, description="steps per request (also at most the model's T)")
     max_prompt_chars: int = Field(300, ge=1, description="prompt length in characters (tokens: the model's own limit)")
+    max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="an edit's image or mask file, at most "
+                                 "(more is a 413; OpenAI's limit is 4 MB)")
+    max_image_pixels: int = Field(4096 * 4096, ge=64, description="an edit's image or mask, width x height at most, "
+                                  "checked before decoding")
     max_guidance: float = Field(30.0, ge=0, allow_inf_nan=False, description="classifier-free guidance rate w "
                                 "per request, at most")
     min_preview_every: int = Field(2, ge=1, description="streamed previews are at least this many model "
@@ -61,6 +66,10 @@ class Settings(BaseSettings):
     preview_buffer: int = Field(2, ge=1, description="previews waiting for a slow streaming client; a newer "
                                 "one pushes out the oldest (progress and results are never dropped)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on shutdown, time for in-flight work to finish")
+    variation_strength: float = Field(0.6, gt=0, le=1, description="strength of a variation (and of an edit "
+                                      "without a mask that names none); chosen by measurement (docs/edits.md)")
+    cpu_threads: str = Field("auto", description="intra-op threads of the engine on the CPU: auto (one for a "
+                             "small batch, every core for a big one, by the measured crossover) or a number")
 
     # --- latency / throughput ------------------------------------------------------------------
     admission: str = Field("short-first", description="short-first (latency-sensitive requests go first, "
@@ -122,6 +131,14 @@ class Settings(BaseSettings):
         if any(s < 1 for s in sizes):
             raise ValueError(f"compile bucket sizes must be >= 1, got {sizes}")
         return sorted(set(sizes))
+
+    @field_validator("cpu_threads")
+    @classmethod
+    def _threads(cls, value) -> str:
+        v = str(value).strip().lower()
+        if v != "auto" and not (v.isdigit() and int(v) >= 1):
+            raise ValueError(f"cpu_threads must be auto or a number >= 1, got {value!r}")
+        return v
 
     @field_validator("admission")
     @classmethod

@@ -50,7 +50,7 @@ def default_classifier_path(dataset: str) -> Path:
 def sample_classes(pipe: diffusion.Pipeline) -> int:
     """How many classes a checkpoint's samples are spread over: its classes (by label, or by name as
     the prompt of a text model); 0 for an unconditional model."""
-    return len(pipe.cfg.class_names) if (pipe.cfg.num_classes > 0 or pipe.cfg.text is not None) else 0
+    return len(pipe.card.class_names) if (pipe.card.class_conditional or pipe.card.text_conditional) else 0
 
 
 def class_counts(n: int, k: int) -> list[int]:
@@ -72,7 +72,7 @@ def class_condition(pipe: diffusion.Pipeline, c: int | None) -> diffusion.Condit
     prompt of a text model; None means unconditional."""
     if c is None:
         return pipe.resolve()
-    return pipe.resolve(prompt=pipe.cfg.class_names[c]) if pipe.cfg.text is not None else pipe.resolve(class_label=c)
+    return pipe.resolve(prompt=pipe.card.class_names[c]) if pipe.card.text_conditional else pipe.resolve(class_label=c)
 
 
 def generate_samples(pipe: diffusion.Pipeline, n: int, scheduler: str, steps: int, guidance: float,
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ClassifierError, DataError, InceptionUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"checkpoint {a.checkpoint}: {pipe.cfg.size} model, β-schedule {pipe.cfg.schedule}, "
+    print(f"checkpoint {a.checkpoint}: {pipe.model.cfg.size} model, β-schedule {pipe.card.schedule.kind}, "
           f"{pipe.provenance.get('training_steps', '?')} training steps on {dataset}; device {pipe.device}")
     print(f"domain classifier: test accuracy {clf.info.get('test_accuracy', float('nan')):.2%}")
     reference = Reference.build(real, clf, inception)

@@ -25,7 +25,7 @@ from training.classifier import load_classifier, predict
 def evaluate(pipe: diffusion.Pipeline, classifier, per_class: int, scheduler: str = "ddim", steps: int = 50,
              guidance: float = 2.0, seed: int = 0, batch: int = 50, classes: list[int] | None = None,
              progress: bool = True) -> dict:
-    names = pipe.cfg.class_names
+    names = pipe.card.class_names
     classes = list(range(len(names))) if classes is None else classes
     per, images = {}, []
     t0 = time.perf_counter()
@@ -34,7 +34,7 @@ def evaluate(pipe: diffusion.Pipeline, classifier, per_class: int, scheduler: st
             xs = []
             for start in range(0, per_class, batch):
                 n = min(batch, per_class - start)
-                kw = {"prompt": names[c]} if pipe.cfg.text is not None else {"class_label": c}
+                kw = {"prompt": names[c]} if pipe.card.text_conditional else {"class_label": c}
                 xs.append(pipe.generate_tensor(scheduler=scheduler, steps=steps, guidance=guidance,
                                                seed=seed + 100_000 * c + start, num_images=n, **kw).cpu())
                 bar.update(n)

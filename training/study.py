@@ -113,7 +113,7 @@ class Study:
                                                         cell.guidance, cell.seed, self.batch_size, g.clip,
                                                         progress=self.progress)
                 append_row(csv_path, {**asdict(cell), **metrics, "dataset": dataset,
-                                      "beta_schedule": pipe.cfg.schedule, "model_size": pipe.cfg.size,
+                                      "beta_schedule": pipe.card.schedule.kind, "model_size": pipe.model.cfg.size,
                                       "training_steps": pipe.provenance.get("training_steps"),
                                       "n_samples": g.num_samples, "device": str(device)})
                 save_grid(_sheet_row(images, labels), self.out / "samples" / cell.checkpoint / f"{cell.slug()}.png",
@@ -151,8 +151,8 @@ class Study:
         g = self.grid
         return {
             "dataset": dataset, "data_dir": self.data_dir, "device": str(device),
-            "checkpoints": {name: {"path": str(Path(self.checkpoints[i])), "beta_schedule": p.cfg.schedule,
-                                   "model_size": p.cfg.size, "parameters": diffusion.count_parameters(p.model),
+            "checkpoints": {name: {"path": str(Path(self.checkpoints[i])), "beta_schedule": p.card.schedule.kind,
+                                   "model_size": p.model.cfg.size, "parameters": diffusion.count_parameters(p.model),
                                    "training_steps": p.provenance.get("training_steps")}
                             for i, (name, p) in enumerate(pipes.items())},
             "classifier": {"path": _display_path(clf_path), "test_accuracy": clf.info.get("test_accuracy")},

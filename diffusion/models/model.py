@@ -4,21 +4,24 @@ config that the checkpoint stores.
 The conditioning vector c (added to the time embedding inside the U-Net) is
     c = class_embed[label] + text_proj(text_encoder(prompt))
 with the extra class label ``num_classes`` and the empty prompt "" as the null (unconditional)
-condition of classifier-free guidance.
+condition of classifier-free guidance. It implements the model interface of
+:mod:`diffusion.models.card` (``card``, ``cond_vector``, ``null_condition``, ``token_count``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from diffusion.models.card import Condition, ModelCard
 from diffusion.models.text import TextEncoder, TextEncoderConfig
 from diffusion.models.unet import UNet, UNetConfig, unet_preset
 from diffusion.prediction import PREDICTION_TYPES
-from diffusion.schedules import SCHEDULE_KINDS
+from diffusion.schedules import SCHEDULE_KINDS, make_schedule
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,33 @@ class DiffusionModel(nn.Module):
     def null_condition(self) -> torch.Tensor | None:
         """The unconditional branch's vector [1, emb_dim] (null label and empty prompt)."""
         return self.condition(batch=1)
+
+    # --- the model interface (diffusion.models.card) ------------------------------------------
+    @functools.cached_property
+    def card(self) -> ModelCard:
+        cfg, conditional = self.cfg, self.cfg.num_classes > 0 or self.cfg.text is not None
+        return ModelCard(
+            image_shape=tuple(cfg.image_shape), schedule=make_schedule(cfg.schedule, cfg.num_timesteps),
+            prediction=cfg.prediction, class_names=tuple(cfg.class_names), class_conditional=cfg.num_classes > 0,
+            text_conditional=cfg.text is not None, cond_dim=cfg.unet.emb_dim if conditional else None,
+            guidable=conditional,
+            max_prompt_tokens=self.text_encoder.context_length - 2 if self.text_encoder is not None else None,
+            default_steps=cfg.default_steps, default_guidance=cfg.default_guidance, default_clip=cfg.default_clip,
+            parameters=count_parameters(self), architecture=f"unet-{cfg.size}", source="diffusion-serve checkpoint")
+
+    def token_count(self, prompt: str) -> int:
+        if self.text_encoder is None:
+            raise ValueError("this model is not text-conditional")
+        return self.text_encoder.token_count(prompt)
+
+    def cond_vector(self, c: Condition) -> torch.Tensor | None:
+        """The conditioning vector [emb_dim] of one resolved condition (None: unconditional model)."""
+        if self.class_embed is None and self.text_proj is None:
+            return None
+        device = self.unet.stem.weight.device
+        labels = torch.tensor([c.label], device=device) if c.label is not None else None
+        text = self.encode_prompts([c.prompt]) if (c.prompt is not None and self.text_encoder is not None) else None
+        return self.condition(labels=labels, text_emb=text, batch=1)[0]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.unet(x, t, cond)

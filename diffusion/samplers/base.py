@@ -6,8 +6,8 @@ shapes, so one iteration is a pure tensor function with no host synchronisation 
 data-dependent shapes (it compiles with ``torch.compile(fullgraph=True)`` and can be captured as a
 CUDA graph):
 
-    x_in, t_in = sampler.query(schedule, state)              # where each row needs ε next
-    new_fields = sampler.update(schedule, state, eps, noise)  # each row advanced by that ε
+    x_in, t_in = sampler.query(schedule, state)            # where each row needs ε next
+    new_fields = sampler.update(schedule, state, d, noise)  # each row advanced by that evaluation
 
 Rows are independent: each has its own planned timesteps (``ts``, padded with -1), step index
 ``i``, sub-stage, sampler (``kind``), options and seed, so one state may hold rows at different
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffusion.guidance import Denoised
 from diffusion.schedules import Schedule, gather_alpha_bar, sampling_timesteps
 
 
@@ -42,6 +43,9 @@ class RowState:
     w: torch.Tensor  # [B] float guidance rate (0: conditional only)
     clip: torch.Tensor  # [B] long: 0 none, 1 static [-1, 1], 2 dynamic (Imagen)
     pct: torch.Tensor  # [B] float: dynamic thresholding percentile
+    # Edits, per row (see diffusion.edits): the known image and where it is kept (1) or repainted (0).
+    known: torch.Tensor  # [B, C, H, W] model space (zeros for rows that edit nothing)
+    keep: torch.Tensor  # [B, 1, H, W] float 0/1 (all 0: nothing kept)
     # Each sampler's own per-row options and history, by name (see Sampler.buffers).
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -57,8 +61,13 @@ def bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def current_t(state: RowState, offset: int = 0) -> torch.Tensor:
     """ts[b, i[b] + offset] per row (-1 past the end)."""
-    idx = (state.i + offset).clamp(min=0, max=state.ts.shape[1] - 1)
-    return state.ts.gather(1, idx.unsqueeze(1)).squeeze(1)
+    return planned_t(state.ts, state.i + offset)
+
+
+def planned_t(ts: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """ts[b, i[b]] per row (-1 past the end)."""
+    idx = i.clamp(min=0, max=ts.shape[1] - 1)
+    return ts.gather(1, idx.unsqueeze(1)).squeeze(1)
 
 
 def alpha_bar(schedule: Schedule, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -73,6 +82,7 @@ class Sampler:
     default_spacing: str = "trailing"
     sigma_max: float | None = None  # start no noisier than this σ (None: at t = T-1)
     uses_noise: bool = False  # update() may read fresh noise (see needs_noise)
+    resamples: bool = False  # one evaluation per step and no history: may jump back up (RePaint, diffusion.edits)
 
     def plan(self, schedule: Schedule, steps: int, spacing: str | None = None) -> list[int]:
         """The timesteps a row of ``steps`` steps visits, decreasing (host-side, on the CPU
@@ -103,11 +113,12 @@ class Sampler:
         """(x, t) at which every row needs ε next: default, the current sample at its timestep."""
         return state.x, current_t(state)
 
-    def update(self, schedule: Schedule, state: RowState, eps: torch.Tensor,
+    def update(self, schedule: Schedule, state: RowState, d: Denoised,
                noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Every row advanced by ε as if it ran this sampler: new values of ``x``, ``i``, ``stage``
-        and of this sampler's own buffers (by name). Rows whose plan is over (t = -1) keep theirs.
-        ``noise`` is the rows' N(0, I) draw for this step when ``uses_noise``."""
+        """Every row advanced by its evaluation ``d`` (ε̄ and x̂0 at the queried point) as if it ran
+        this sampler: new values of ``x``, ``i``, ``stage`` and of this sampler's own buffers (by
+        name). Rows whose plan is over (t = -1) keep theirs. ``noise`` is the rows' N(0, I) draw for
+        this step when ``uses_noise``."""
         raise NotImplementedError
 
     def done(self, state: RowState) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from diffusion.prediction import eps_to_x0
+from diffusion.guidance import Denoised
 from diffusion.samplers.base import RowState, Sampler, alpha_bar, bcast, current_t
 from diffusion.schedules import Schedule
 
@@ -24,6 +25,7 @@ VARIANCES = ("beta_tilde", "beta")
 class DDPM(Sampler):
     name = "ddpm"
     uses_noise = True
+    resamples = True
 
     def options(self, variance: str = "beta_tilde", **_):
         if variance not in VARIANCES:
@@ -33,7 +35,8 @@ class DDPM(Sampler):
     def buffers(self, n, image_shape, device):
         return {"large_var": torch.zeros(n, device=device)}  # 1.0: σ² = β' instead of β̃
 
-    def update(self, schedule: Schedule, state: RowState, eps: torch.Tensor, noise):
+    def update(self, schedule: Schedule, state: RowState, d: Denoised, noise):
+        eps = d.eps
         nd, x = state.x.ndim, state.x
         t, t_prev = current_t(state), current_t(state, 1)
         ab_t, ab_prev = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_prev, nd)

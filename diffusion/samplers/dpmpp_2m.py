@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from diffusion.prediction import eps_to_x0
+from diffusion.guidance import Denoised
 from diffusion.samplers.base import RowState, Sampler, alpha_bar, bcast, current_t
 from diffusion.schedules import Schedule
 
@@ -30,7 +31,8 @@ class DPMSolverPP2M(Sampler):
     def buffers(self, n, image_shape, device):
         return {"x0_prev": torch.zeros(n, *image_shape, device=device)}  # the previous step's x̂0
 
-    def update(self, schedule: Schedule, state: RowState, eps: torch.Tensor, noise):
+    def update(self, schedule: Schedule, state: RowState, d: Denoised, noise):
+        eps = d.eps
         nd, x = state.x.ndim, state.x
         t, t_next, t_last = current_t(state), current_t(state, 1), current_t(state, -1)
         ab_t, ab_next = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_next, nd)

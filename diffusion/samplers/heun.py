@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.guidance import Denoised
 from diffusion.samplers.base import RowState, Sampler, alpha_bar, bcast, current_t
 from diffusion.schedules import Schedule, gather_sigma, sigma_to_t
 
@@ -89,7 +90,8 @@ class Heun(Sampler):
         x_mid = ex["x_tilde"] * alpha_bar(schedule, ex["t_mid"], nd).sqrt().to(state.x.dtype)
         return torch.where(bcast(corr, nd), x_mid, state.x), torch.where(corr, ex["t_mid"], current_t(state))
 
-    def update(self, schedule: Schedule, state: RowState, eps: torch.Tensor, noise):
+    def update(self, schedule: Schedule, state: RowState, d: Denoised, noise):
+        eps = d.eps
         nd, x, ex = state.x.ndim, state.x, state.extra
         t, t_next = current_t(state), current_t(state, 1)
         ab_t, ab_next = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_next, nd)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.guidance import Denoised
 from diffusion.samplers.base import RowState, Sampler, alpha_bar, bcast, current_t
 from diffusion.samplers.ddim import ddim_step
 from diffusion.schedules import Schedule
@@ -82,7 +83,8 @@ class PNDM(Sampler):
         xq = torch.where(bcast(state.stage == 0, state.x.ndim), state.x, state.extra["xq"])
         return xq, tq
 
-    def update(self, schedule: Schedule, state: RowState, eps: torch.Tensor, noise):
+    def update(self, schedule: Schedule, state: RowState, d: Denoised, noise):
+        eps = d.eps
         nd, x, ex = state.x.ndim, state.x, state.extra
         t, t_next, mid = current_t(state), current_t(state, 1), self._mid(state)
         ab_t, ab_next, ab_mid = (alpha_bar(schedule, v, nd) for v in (t, t_next, mid))

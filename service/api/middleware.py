@@ -16,7 +16,8 @@ import uuid
 log = logging.getLogger("service.requests")
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-GENERATION_PATHS = ("/generate", "/v1/images/generations")
+GENERATION_PATHS = ("/generate", "/v1/images/generations", "/v1/images/edits", "/v1/images/variations")
+KIND_OF_PATH = {"/v1/images/edits": "edit", "/v1/images/variations": "variation"}
 
 
 class RequestLog:
@@ -50,4 +51,5 @@ class RequestLog:
                     "status": status, **info, "total_s": round(total, 4)}
             log.info(line)
             if scope["path"] in GENERATION_PATHS and scope["method"] == "POST":
-                self.metrics.request(info.get("model", "unknown"), info.get("scheduler", "unknown"), status, total)
+                self.metrics.request(info.get("model", "unknown"), info.get("scheduler", "unknown"), status, total,
+                                     info.get("kind", KIND_OF_PATH.get(scope["path"], "generation")))

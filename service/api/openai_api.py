@@ -63,7 +63,7 @@ def native(req: ImageGenerationRequest, registry: ModelRegistry) -> tuple[Genera
         raise HTTPException(404, {"message": f"The model '{req.model}' does not exist; available: "
                                   f"{', '.join(registry.names())}", "param": "model",
                                   "code": "model_not_found"}) from None
-    size = image_size(registry[name].cfg.image_shape)
+    size = image_size(registry[name].card.image_shape)
     if req.size not in (None, "auto", size):
         raise invalid("size", f"Invalid value for 'size': '{req.size}'. Model '{name}' makes {size} images only "
                       f"(or use 'auto').")
@@ -85,7 +85,7 @@ async def images_generations(req: ImageGenerationRequest, request: Request, sett
         info.update(prompt=req.prompt)
     body, size = native(req, registry)
     try:
-        spec, previews = prepare(body, registry, settings, body.stream)
+        spec, previews, _ = prepare(body, registry, settings, body.stream)
     except FieldErrors as e:
         field, message, _ = e.errors[0]
         field = {"num_images": "n", "preview_at": "partial_images"}.get(field, field)
@@ -153,9 +153,12 @@ async def get_model(model: str, registry: RegistryDep) -> OpenAIModel:
 
 
 def _model(name: str, registry: ModelRegistry) -> OpenAIModel:
-    saved = registry[name].provenance.get("date")
+    pipe = registry[name]
+    saved = pipe.provenance.get("date")
     try:
         created = int(_dt.datetime.fromisoformat(str(saved)).timestamp()) if saved else 0
     except ValueError:
         created = 0
-    return OpenAIModel(id=name, created=created)
+    card = pipe.card
+    return OpenAIModel(id=name, created=created, size=image_size(card.image_shape), image_shape=list(card.image_shape),
+                       conditioning=card.conditioning, parameters=card.parameters, source=card.source)

@@ -15,8 +15,9 @@ from service.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep, re
 from service.api.jobs import submit, wait
 from service.api.openapi import event_stream
 from service.api.streaming import KEEP_ALIVE, EventBuffer, EventStream, Finished, Heartbeat, Queued, follow, sse
-from service.engine import Engine, GenerationResult, GenerationSpec, Job, Preview, Progress
-from service.generation import FieldErrors, UnknownModel, describe, prepare
+from service.engine import Engine, GenerationResult, Job, Preview, Progress
+from service.generation import FieldErrors, UnknownModel, describe, prepare_async
+from service.images import TooLarge
 from service.metrics import CONTENT_TYPE, Metrics
 from service.schemas import (STREAM_EVENTS, ErrorResponse, GenerateRequest, GenerateResponse, ModelList, PreviewEvent,
                              ProgressEvent, QueuedEvent, StreamError, Timings)
@@ -26,6 +27,7 @@ router = APIRouter()
 
 ERRORS = {401: {"model": ErrorResponse, "description": "API keys are configured and none valid was given"},
           404: {"model": ErrorResponse, "description": "Unknown model"},
+          413: {"model": ErrorResponse, "description": "An image (or the body) over the service's byte limit"},
           422: {"model": ErrorResponse, "description": "Invalid fields, each named with the reason"},
           429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
           503: {"model": ErrorResponse, "description": "Not ready or shutting down; see Retry-After"},
@@ -47,20 +49,25 @@ def wants_events(request: Request) -> bool:
                     "with `stream: true` or `Accept: text/event-stream`, " + EVENTS_DOC}})
 async def generate(body: GenerateRequest, request: Request, settings: SettingsDep, registry: RegistryDep,
                    engine: EngineDep, metrics: MetricsDep):
-    """Generate images for a prompt or a class label (see the request schema for every field)."""
+    """Generate images for a prompt or a class label, or edit a given image (image, mask, strength:
+    image-to-image and inpainting); see the request schema for every field."""
     start = time.perf_counter()
     info = request.state.log
-    info.update(model=body.model or registry.default, scheduler=body.scheduler, images=body.num_images)
+    info.update(model=body.model or registry.default, scheduler=body.scheduler, images=body.num_images,
+                kind="edit" if body.image is not None else "generation")
     if settings.log_prompts:
         info.update(prompt=body.prompt, class_label=body.class_label)
     stream = body.stream or wants_events(request)
     try:
-        spec, previews = prepare(body, registry, settings, stream)
+        spec, previews, _ = await prepare_async(body, registry, settings, stream)
     except UnknownModel as e:
         info["model"] = "unknown"  # never a user's string as a metric label
         raise HTTPException(404, str(e)) from None
     except FieldErrors as e:
         raise field_errors(e) from None
+    except TooLarge as e:
+        raise HTTPException(413, [{"field": e.field, "msg": str(e), "type": "too_large", "loc": ["body", e.field]}]) \
+            from None
     info["steps"] = spec.steps
     if stream:
         buffer = EventBuffer(asyncio.get_running_loop(), settings.preview_buffer, previews)
@@ -80,15 +87,17 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
         png = await run_in_threadpool(render.grid_png, result.images)
         return Response(png, media_type="image/png", headers={
             "X-Seeds": ",".join(map(str, spec.seeds)), "X-Model": spec.model, "X-Scheduler": spec.scheduler,
-            "X-Steps": str(spec.steps), "X-Guidance": f"{spec.guidance:g}"})
-    return await answer(spec, result, request, start)
+            "X-Steps": str(spec.steps), "X-Guidance": f"{spec.guidance:g}", "X-Evaluations": str(job.work)})
+    return await answer(job, result, request, start)
 
 
-async def answer(spec: GenerationSpec, result: GenerationResult, request: Request, start: float) -> GenerateResponse:
+async def answer(job: Job, result: GenerationResult, request: Request, start: float) -> GenerateResponse:
+    spec = job.spec
     images = await run_in_threadpool(render.b64_pngs, result.images)
     return GenerateResponse(
         images=images, seeds=list(spec.seeds), model=spec.model, scheduler=spec.scheduler, steps=spec.steps,
-        guidance=spec.guidance, request_id=request.state.request_id,
+        guidance=spec.guidance, evaluations=job.work, strength=spec.strength if spec.image is not None else None,
+        request_id=request.state.request_id,
         timings=Timings(queued_s=result.queued_s, generating_s=result.generating_s,
                         total_s=time.perf_counter() - start))
 
@@ -114,7 +123,7 @@ async def _events(engine: Engine, job: Job, buffer: EventBuffer, request: Reques
                 elif isinstance(item, Finished):
                     result = item.result
                     info.update(queue_s=round(result.queued_s, 4), generating_s=round(result.generating_s, 4))
-                    yield sse("done", await answer(spec, result, request, start))
+                    yield sse("done", await answer(job, result, request, start))
                 else:
                     info["error"] = item.status
                     yield sse("error", StreamError(detail=item.message, status=item.status))

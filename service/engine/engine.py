@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from diffusion import SAMPLERS, Acceleration
+from diffusion import Acceleration
 from service.engine.executor import Model, ModelBatch, Retired
 from service.engine.job import (DeadlineExceeded, EngineClosed, GenerationFailed, GenerationResult, GenerationSpec,
                                 Job, Preview, Progress, QueueFull)
@@ -80,12 +80,14 @@ class Engine:
             raise KeyError(spec.model)
         if spec.num_images > self.max_rows:
             raise ValueError(f"{spec.num_images} images exceed the {self.max_rows} rows of a forward pass")
+        work = self.batches[spec.model].evaluations(spec)
         with self._cv:
             if self._closed:
                 raise EngineClosed("the service is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(len(self._waiting), self.retry_after_s())
-            job = Job(spec, deadline=self.clock() + timeout_s, submitted_at=self.clock(), listener=listener)
+            job = Job(spec, deadline=self.clock() + timeout_s, work=work, submitted_at=self.clock(),
+                      listener=listener)
             self._waiting.append(job)
             self._cv.notify_all()
         return job
@@ -275,7 +277,7 @@ def _tell(job: Job, event) -> None:
 
 def _ticket(job: Job, now: float) -> Ticket:
     return Ticket(job.id, job.spec.model, job.rows, cancelled=job.cancelled, expired=job.expired(now),
-                  work=SAMPLERS[job.spec.scheduler].evaluations(job.spec.steps), waited_s=now - job.submitted_at)
+                  work=job.work, waited_s=now - job.submitted_at)
 
 
 def _give_up(job: Job, now: float) -> None:

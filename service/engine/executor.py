@@ -21,20 +21,21 @@ import torch
 
 from diffusion import Acceleration, RowRequest, Runner
 
-from service.engine.job import Job
+from service.engine.job import GenerationSpec, Job
 
 
 class Model(Protocol):
-    """What the engine needs of a model: :class:`diffusion.Pipeline` has it (so does a test fake)."""
+    """What the engine needs of a model: :class:`diffusion.Pipeline` has it, whatever the model's format."""
     name: str
     device: torch.device
-    schedule: object
-    null_cond: torch.Tensor | None
-    cfg: object  # .image_shape, .prediction
 
-    def cond_vector(self, condition) -> torch.Tensor | None: ...
+    def runner(self, capacity: int, max_steps: int | None = None, accel: Acceleration = Acceleration()) -> Runner: ...
 
-    def net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor: ...
+    def row_request(self, condition, seed: int, scheduler: str, steps: int | None, guidance: float | None,
+                    clip: str | None, percentile: float, spacing: str | None, **kw) -> RowRequest: ...
+
+    def evaluations(self, scheduler: str, steps: int | None, spacing: str | None, strength: float,
+                    jump_length: int, jump_n_sample: int) -> int: ...
 
 
 @dataclass
@@ -93,9 +94,7 @@ class ModelBatch:
     def __init__(self, model: Model, capacity: int, max_steps: int | None = None,
                  accel: Acceleration = Acceleration()):
         self.model = model
-        max_steps = min(max_steps or model.schedule.num_timesteps, model.schedule.num_timesteps)
-        self.runner = Runner(model.net, model.schedule, model.cfg.prediction, model.null_cond, model.cfg.image_shape,
-                             capacity=capacity, max_steps=max_steps, device=model.device, accel=accel)
+        self.runner = model.runner(capacity, max_steps, accel)
         self.owners: dict[int, tuple[Job, int]] = {}  # runner handle -> (job, image index)
         self.timer = StepTimer(torch.device(model.device))
 
@@ -110,6 +109,11 @@ class ModelBatch:
     def jobs(self) -> set[Job]:
         return {job for job, _ in self.owners.values()}
 
+    def evaluations(self, spec: GenerationSpec) -> int:
+        """Model evaluations one image of ``spec`` needs (ValueError for a plan the model cannot run)."""
+        return self.model.evaluations(spec.scheduler, spec.steps, spec.spacing, spec.strength, spec.jump_length,
+                                      spec.jump_n_sample)
+
     def warm_up(self) -> None:
         self.runner.warm_up()
 
@@ -117,12 +121,10 @@ class ModelBatch:
     def admit(self, job: Job, urgent: bool = False) -> None:
         """Start a request's rows from their seeded noise; they take part in the next step.
         ``urgent`` rows are latency-sensitive: stepped first, whatever the iteration's row limit."""
-        spec, m = job.spec, self.model
-        cond = m.cond_vector(spec.condition)
+        spec = job.spec
         options = {"eta": spec.eta} if spec.scheduler == "ddim" else {}
-        rows = [RowRequest(spec.scheduler, spec.steps, seed, cond, guidance=spec.guidance if cond is not None else 0.0,
-                           clip=spec.clip, percentile=spec.percentile, spacing=spec.spacing, options=options)
-                for seed in spec.seeds]
+        rows = [self.model.row_request(spec.condition, seed, spec.scheduler, spec.steps, spec.guidance, spec.clip,
+                                       spec.percentile, spec.spacing, **spec.edit(), **options) for seed in spec.seeds]
         handles = self.runner.add(rows, priority=0 if urgent else 1)
         self.owners.update((h, (job, k)) for k, h in enumerate(handles))
 

@@ -36,9 +36,13 @@ class GenerationFailed(EngineError):
     """The model raised while working on this request (the engine itself goes on)."""
 
 
+KINDS = ("generation", "edit", "variation")  # what a request does, for the metrics
+
+
 @dataclass(frozen=True)
 class GenerationSpec:
-    """A fully validated request, in the engine's terms (no HTTP, no tensors)."""
+    """A fully validated request, in the engine's terms (no HTTP). An edit carries its decoded image
+    (and mask) as CPU tensors in the model's space (see diffusion.edits)."""
     model: str
     condition: Condition
     scheduler: str
@@ -50,10 +54,21 @@ class GenerationSpec:
     percentile: float = 0.995
     spacing: str | None = None
     preview_every: int = 0  # >0: a preview of x̂0 every this many model evaluations (see Job.listener)
+    image: torch.Tensor | None = field(default=None, repr=False)  # [C, H, W], model space
+    mask: torch.Tensor | None = field(default=None, repr=False)  # [1, H, W], 1 where to repaint
+    strength: float = 1.0
+    jump_length: int = 0
+    jump_n_sample: int = 1
+    kind: str = "generation"  # one of KINDS
 
     @property
     def num_images(self) -> int:
         return len(self.seeds)
+
+    def edit(self) -> dict:
+        """The edit's arguments, as :meth:`diffusion.Pipeline.row_request` takes them."""
+        return {"image": self.image, "mask": self.mask, "strength": self.strength, "jump_length": self.jump_length,
+                "jump_n_sample": self.jump_n_sample}
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,7 @@ class Job:
     """A submitted request: its spec, timing, the rows done so far and the future its caller awaits."""
     spec: GenerationSpec
     deadline: float  # time.monotonic() after which the engine drops it
+    work: int = 0  # model evaluations per image (its plan's)
     id: int = field(default_factory=lambda: next(_ids))
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)

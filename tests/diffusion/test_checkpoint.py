@@ -112,7 +112,7 @@ def test_model_default_clip_is_used_and_round_trips(tmp_path):
         for p in model.unet.parameters():  # a wild network: unclipped samples leave [-1, 1]
             p.add_(0.3 * torch.randn_like(p))
     pipe = load(str(save(model, tmp_path / "c.safetensors")), device="cpu")
-    assert pipe.cfg.default_clip == "static"
+    assert pipe.card.default_clip == "static"
     clipped = pipe.generate_tensor(class_label=0, steps=5, seed=0, num_images=4)
     free = pipe.generate_tensor(class_label=0, steps=5, seed=0, num_images=4, clip="none")
     assert clipped.abs().max().item() <= 1 + 1e-5 < free.abs().max().item()

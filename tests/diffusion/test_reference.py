@@ -71,6 +71,7 @@ def test_ddpm_step_matches_diffusers_in_distribution(setup):
     subset), and the two outputs differ only by their independent noises: their difference has
     mean ~0 (same posterior mean) and spread sqrt(2·σ²)."""
     from diffusion import RowRequest
+    from diffusion.guidance import Denoised
     from diffusion.noise import gaussian
     from diffusion.samplers import get_sampler
     from diffusion.table import RowTable
@@ -88,7 +89,7 @@ def test_ddpm_step_matches_diffusers_in_distribution(setup):
     state = table.view(64)
     state.i[:] = 3  # the same step of the same 10-step plan
     noise = gaussian(state.seed, torch.full((64,), 99), (1, 4, 4))
-    ours = get_sampler("ddpm").update(sched, state, eps, noise)["x"]
+    ours = get_sampler("ddpm").update(sched, state, Denoised(eps, eps, eps), noise)["x"]  # ddpm steps with ε alone
 
     ab_t, ab_p = sched.alphas_cumprod[t], sched.alphas_cumprod[t_prev]
     var = float((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p))

@@ -143,7 +143,7 @@ def test_invalid_model_values_are_labelled_unknown_in_the_metrics(client):
     for model in ({}, ["a"], 3, "nope-" * 20):
         assert client.post("/generate", json={"prompt": "nine", "model": model}).status_code in (404, 422)
     text = client.get("/metrics").text
-    assert 'diffusion_requests_total{model="unknown",scheduler="ddim",status="422"}' in text
+    assert 'diffusion_requests_total{kind="generation",model="unknown",scheduler="ddim",status="422"}' in text
     assert "nope-" not in text
 
 
@@ -192,8 +192,8 @@ def test_metrics_families_present_and_counting(client):
         assert family in text, family
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line and not line.startswith("#")}
-    assert samples['diffusion_requests_total{model="tiny-digits",scheduler="dpmpp_2m",status="200"}'] >= 1
-    assert samples['diffusion_requests_total{model="tiny-digits",scheduler="unknown",status="422"}'] >= 1
+    assert samples['diffusion_requests_total{kind="generation",model="tiny-digits",scheduler="dpmpp_2m",status="200"}'] >= 1
+    assert samples['diffusion_requests_total{kind="generation",model="tiny-digits",scheduler="unknown",status="422"}'] >= 1
     assert samples['diffusion_images_generated_total{model="tiny-digits"}'] >= 3
     assert samples['diffusion_batch_rows_count{model="tiny-digits"}'] >= 2
 

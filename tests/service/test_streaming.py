@@ -199,7 +199,7 @@ def test_metrics_count_streamed_requests_and_previews(client):
     sent = 'diffusion_previews_total{model="tiny-digits",outcome="sent"}'
     assert value(after, streams) == value(before, streams) + 1
     assert value(after, sent) == value(before, sent) + 2
-    assert 'diffusion_requests_total{model="tiny-digits",scheduler="ddim",status="200"}' in after
+    assert 'diffusion_requests_total{kind="generation",model="tiny-digits",scheduler="ddim",status="200"}' in after
 
 
 def test_event_buffer_bounds_previews_and_keeps_the_rest():

@@ -33,7 +33,7 @@ def test_tiny_text_model_trains_and_checkpoint_samples(mnist_dir, tmp_path):
     cfg = _cfg(mnist_dir, tmp_path, conditioning="text", max_steps=25, batch_size=8)
     path = train(cfg, progress=False)
     pipe = diffusion.load(str(path), device="cpu")
-    assert pipe.cfg.text is not None and pipe.cfg.class_names[9] == "nine"
+    assert pipe.card.text_conditional and pipe.card.class_names[9] == "nine"
     assert pipe.provenance["training_steps"] == 25 and pipe.provenance["dataset"] == "mnist"
     imgs = pipe.generate(prompt="nine", steps=4, seed=0, num_images=2)
     assert len(imgs) == 2 and imgs[0].size == (28, 28)
