@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from diffusion.prediction import eps_to_x0, to_eps, x0_to_eps
+from diffusion.prediction import eps_to_x0, to_eps_x0, x0_to_eps
 from diffusion.schedules import Schedule, gather_alpha_bar
 
 CLIP_MODES = ("none", "static", "dynamic")
@@ -76,12 +76,16 @@ def combine(out_c: torch.Tensor, out_u: torch.Tensor, x: torch.Tensor, t: torch.
     outputs (pass the conditional output twice when no row is guided: ε̄ = ε_c + w·(ε_c − ε_u) is
     then exactly ε_c)."""
     ab = gather_alpha_bar(schedule, t, x.ndim).to(x.dtype)
-    eps_c = to_eps(prediction, out_c.to(x.dtype), x, ab)
-    eps_u = to_eps(prediction, out_u.to(x.dtype), x, ab)
-    eps = eps_c + w.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * (eps_c - eps_u)
-    x0 = eps_to_x0(eps, x, ab)
-    x0_c = threshold_x0(x0, clip, pct, dynamic, clip_range)
-    return Denoised(torch.where((clip > 0).reshape(-1, *([1] * (x.ndim - 1))), x0_to_eps(x0_c, x, ab), eps), x0_c, eps)
+    eps_c, x0_c = to_eps_x0(prediction, out_c.to(x.dtype), x, ab)
+    eps_u, x0_u = to_eps_x0(prediction, out_u.to(x.dtype), x, ab)
+    w = w.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    eps = eps_c + w * (eps_c - eps_u)
+    # x̂0 is affine in ε (x̂0 = (x − sqrt(1−ᾱ)·ε)/sqrt(ᾱ)), so guiding it is guiding ε; for ε-models this
+    # is that formula itself, bit for bit, and v- and x0-models keep their well-conditioned x̂0
+    x0 = eps_to_x0(eps, x, ab) if prediction == "epsilon" else x0_c + w * (x0_c - x0_u)
+    x0_t = threshold_x0(x0, clip, pct, dynamic, clip_range)
+    clipped = (clip > 0).reshape(-1, *([1] * (x.ndim - 1)))
+    return Denoised(torch.where(clipped, x0_to_eps(x0_t, x, ab), eps), x0_t, eps)
 
 
 def split(out: torch.Tensor, rows: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,8 +63,7 @@ class DDIM(Sampler):
         ab_t, ab_prev = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_prev, nd)
         model_eps = bcast(state.extra["model_eps"] > 0, nd)
         eps = torch.where(model_eps, d.eps_model, d.eps)
-        x0 = torch.where(model_eps, d.x0, eps_to_x0(d.eps, state.x, ab_t))
         # the last step (to t = -1) has σ = 0 whatever η: ᾱ_prev = 1 makes the σ formula vanish
-        x = ddim_step(state.x, eps, ab_t, ab_prev, state.extra["eta"], noise, x0=x0)
+        x = ddim_step(state.x, eps, ab_t, ab_prev, state.extra["eta"], noise, x0=d.x0)
         live = t >= 0
         return {"x": torch.where(bcast(live, nd), x, state.x), "i": state.i + live.long()}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from diffusion.prediction import eps_to_x0
 from diffusion.guidance import Denoised
 from diffusion.samplers.base import RowState, Sampler, alpha_bar, bcast, current_t
 from diffusion.schedules import Schedule
@@ -36,12 +35,11 @@ class DDPM(Sampler):
         return {"large_var": torch.zeros(n, device=device)}  # 1.0: σ² = β' instead of β̃
 
     def update(self, schedule: Schedule, state: RowState, d: Denoised, noise):
-        eps = d.eps
         nd, x = state.x.ndim, state.x
         t, t_prev = current_t(state), current_t(state, 1)
         ab_t, ab_prev = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_prev, nd)
         beta = 1 - ab_t / ab_prev
-        x0 = eps_to_x0(eps, x, ab_t)
+        x0 = d.x0  # the (thresholded) prediction, as the network's type gives it best
         c0 = (ab_prev.sqrt() * beta / (1 - ab_t)).to(x.dtype)
         ct = ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t)).to(x.dtype)
         var = torch.where(bcast(state.extra["large_var"] > 0, nd), beta, (1 - ab_prev) / (1 - ab_t) * beta)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from diffusion.prediction import eps_to_x0
 from diffusion.guidance import Denoised
 from diffusion.samplers.base import RowState, Sampler, alpha_bar, bcast, current_t
 from diffusion.schedules import Schedule
@@ -32,11 +31,10 @@ class DPMSolverPP2M(Sampler):
         return {"x0_prev": torch.zeros(n, *image_shape, device=device)}  # the previous step's x̂0
 
     def update(self, schedule: Schedule, state: RowState, d: Denoised, noise):
-        eps = d.eps
         nd, x = state.x.ndim, state.x
         t, t_next, t_last = current_t(state), current_t(state, 1), current_t(state, -1)
         ab_t, ab_next = alpha_bar(schedule, t, nd), alpha_bar(schedule, t_next, nd)
-        x0 = eps_to_x0(eps, x, ab_t)
+        x0 = d.x0
         final = bcast(t_next < 0, nd)
         safe_next = torch.where(final, ab_t, ab_next)  # keep λ finite on the final step
         h = _lambda(safe_next) - _lambda(ab_t)
