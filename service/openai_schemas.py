@@ -16,7 +16,8 @@ class ImageGenerationRequest(Sampling):
         {"model": "mnist-text-compact", "prompt": "nine", "n": 2, "size": "28x28"},
         {"prompt": "nine", "stream": True, "partial_images": 2, "scheduler": "dpmpp_2m", "steps": 20, "seed": 0}]})
 
-    prompt: str = Field(description="Text; a class-conditional model accepts a prompt that names one of its classes.")
+    prompt: str = Field(description="Text; a class-conditional model accepts a prompt that names one of its classes; "
+                        "an unconditional model takes the empty prompt.")
     model: str | None = Field(None, description="A model id from GET /v1/models; default: the service's default.")
     n: int | None = Field(None, strict=True, ge=1, description="Images, 1 … the service's max_images. Default 1.")
     size: str | None = Field(None, description="`auto` or the model's own `WIDTHxHEIGHT` (each model makes one "

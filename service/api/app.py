@@ -39,7 +39,7 @@ async def lifespan(app: FastAPI):
     accel = settings.acceleration(device.type)
     engine = Engine(registry.pipelines, max_rows=settings.max_batch_rows, max_queue=settings.max_queue,
                     observer=metrics, max_steps=settings.max_steps, accel=accel, policy=settings.policy(),
-                    latency_rows=settings.latency_rows)
+                    latency_rows=settings.latency_rows, cpu_threads=settings.cpu_threads)
     if accel.padded:  # compile and capture before /readyz turns ready
         started = time.monotonic()
         await asyncio.to_thread(engine.warm_up)

@@ -20,7 +20,7 @@ from service.api.jobs import submit, wait
 from service.api.openapi import event_stream
 from service.api.streaming import KEEP_ALIVE, EventBuffer, EventStream, Failed, Finished, Heartbeat, follow, sse
 from service.engine import Engine, Job, Preview
-from service.generation import FieldErrors, UnknownModel, model_name, prepare
+from service.generation import FieldErrors, prepare
 from service.metrics import Metrics
 from service.openai_schemas import (STREAM_EVENTS, CompletedImageEvent, ImageData, ImageGenerationRequest,
                                     ImagesResponse, OpenAIErrorResponse, OpenAIModel, OpenAIModelList,
@@ -52,18 +52,20 @@ def native(req: ImageGenerationRequest, registry: ModelRegistry) -> tuple[Genera
         raise invalid("response_format", "response_format 'url' is not supported: this service returns images "
                       "inline only; use 'b64_json' (the default).", "unsupported_value")
     stream = bool(req.stream)
-    fields = {**req.model_dump(include=set(Sampling.model_fields)), "prompt": req.prompt, "model": req.model,
+    name = req.model if req.model is not None else registry.default
+    if name not in registry:
+        raise HTTPException(404, {"message": f"The model '{req.model}' does not exist; available: "
+                                  f"{', '.join(registry.names())}", "param": "model",
+                                  "code": "model_not_found"}) from None
+    card = registry[name].card
+    # OpenAI's prompt is required; an unconditional model takes the empty one as no prompt
+    prompt = None if req.prompt == "" and card.conditioning == "none" else req.prompt
+    fields = {**req.model_dump(include=set(Sampling.model_fields)), "prompt": prompt, "model": req.model,
               "num_images": req.n or 1, "stream": stream}
     if stream and req.partial_images:
         fields["preview_at"] = [j / (req.partial_images + 1) for j in range(1, req.partial_images + 1)]
     body = GenerateRequest.model_validate(fields)
-    try:
-        name = model_name(body, registry)
-    except UnknownModel:
-        raise HTTPException(404, {"message": f"The model '{req.model}' does not exist; available: "
-                                  f"{', '.join(registry.names())}", "param": "model",
-                                  "code": "model_not_found"}) from None
-    size = image_size(registry[name].card.image_shape)
+    size = image_size(card.image_shape)
     if req.size not in (None, "auto", size):
         raise invalid("size", f"Invalid value for 'size': '{req.size}'. Model '{name}' makes {size} images only "
                       f"(or use 'auto').")

@@ -33,6 +33,7 @@ from service.engine.executor import Model, ModelBatch, Retired
 from service.engine.job import (DeadlineExceeded, EngineClosed, GenerationFailed, GenerationResult, GenerationSpec,
                                 Job, Preview, Progress, QueueFull)
 from service.engine.scheduler import Policy, Ticket, plan
+from service.engine.threads import CpuThreads, flops_per_row
 
 log = logging.getLogger("service.engine")
 
@@ -56,8 +57,12 @@ class _NoObserver:
 class Engine:
     def __init__(self, models: Mapping[str, Model], *, max_rows: int = 64, max_queue: int = 256,
                  observer: Observer | None = None, clock=time.monotonic, max_steps: int | None = None,
-                 accel: Acceleration = Acceleration(), policy: Policy = Policy(), latency_rows: int = 0):
-        self.batches = {name: ModelBatch(m, max_rows, max_steps, accel) for name, m in models.items()}
+                 accel: Acceleration = Acceleration(), policy: Policy = Policy(), latency_rows: int = 0,
+                 cpu_threads: str | None = None):
+        """``cpu_threads`` ("auto" or a number): the intra-op threads of iterations on the CPU
+        (:mod:`service.engine.threads`); None leaves PyTorch's count alone."""
+        self.batches = {name: ModelBatch(m, max_rows, max_steps, accel, _threads(m, cpu_threads))
+                        for name, m in models.items()}
         self._retired: list[tuple[str, Retired]] = []  # finished rows whose images are on their way
         self.max_rows, self.max_queue = max_rows, max_queue
         self.policy = policy
@@ -266,6 +271,18 @@ class Engine:
         self._waiting.clear()
         for job in leftover:
             job.finish(error=EngineClosed("the service shut down before this request finished"))
+
+
+def _threads(model: Model, setting: str | None) -> CpuThreads | None:
+    if setting is None or torch.device(model.device).type != "cpu":
+        return None
+    card = model.card
+    cond = None if card.cond_dim is None else torch.zeros(1, card.cond_dim, device=model.device)
+    per_row = flops_per_row(model.net, card.image_shape, cond, torch.device(model.device))
+    threads = CpuThreads(setting, per_row, torch.get_num_threads())
+    log.info("model %s: %.3g GFLOP per row; CPU threads %s (%d cores)", model.name, per_row / 1e9, setting,
+             threads.cores)
+    return threads
 
 
 def _tell(job: Job, event) -> None:

@@ -19,15 +19,19 @@ from typing import Protocol
 
 import torch
 
-from diffusion import Acceleration, RowRequest, Runner
+from diffusion import Acceleration, ModelCard, RowRequest, Runner
 
 from service.engine.job import GenerationSpec, Job
+from service.engine.threads import CpuThreads
 
 
 class Model(Protocol):
     """What the engine needs of a model: :class:`diffusion.Pipeline` has it, whatever the model's format."""
     name: str
     device: torch.device
+    card: ModelCard
+
+    def net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor: ...
 
     def runner(self, capacity: int, max_steps: int | None = None, accel: Acceleration = Acceleration()) -> Runner: ...
 
@@ -92,11 +96,12 @@ class ModelBatch:
     """All rows in flight for one model."""
 
     def __init__(self, model: Model, capacity: int, max_steps: int | None = None,
-                 accel: Acceleration = Acceleration()):
+                 accel: Acceleration = Acceleration(), threads: CpuThreads | None = None):
         self.model = model
         self.runner = model.runner(capacity, max_steps, accel)
         self.owners: dict[int, tuple[Job, int]] = {}  # runner handle -> (job, image index)
         self.timer = StepTimer(torch.device(model.device))
+        self.threads = threads  # None: leave the thread count alone (a GPU, or a test)
 
     @property
     def rows(self) -> int:
@@ -159,6 +164,8 @@ class ModelBatch:
         whose timing is in."""
         limit = latency_rows if latency_rows and self.runner.table.urgent else None
         rows = self.rows if limit is None else min(self.rows, max(limit, self.runner.table.urgent))
+        if self.threads is not None:
+            self.threads.apply(rows * (2 if self.runner.table.flags(rows)["guided"] else 1))
         started = self.timer.start()
         finished = self.runner.step(limit)
         return rows, finished, self.timer.stop(rows, started)
