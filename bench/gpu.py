@@ -15,6 +15,9 @@ every phase, so a run cut short still reports):
 - service: `python -m service` over HTTP: start-up to /readyz, one request's p50/p99, saturation
   images/s, and the p99 of 10-step requests (every sampler) among saturating 50-step traffic
   against their latency on an idle service.
+- cifar: the field's CIFAR-10 DDPM architecture (a random-weight UNet2DModel of google/ddpm-cifar10-32's
+  shape, 35.7M) served by this service compiled with CUDA graphs, against diffusers' DDIMPipeline behind
+  a FastAPI app, eager and compiled: one request's p50 and images/s at 8 and 32 concurrent requests.
 - train: `python -m training` images/s against a plain diffusers UNet2DModel training step.
 
 Workload (unless --mini): DDIM 50 steps, guidance w = 2, bf16 on a GPU, class-conditional 1×28×28
@@ -324,7 +327,23 @@ def phase_train(ctx: Ctx, size: str) -> None:
         _train_ours(ctx, size, batch, 3 * steps, compile=True)
 
 
-PHASES = {"engine": phase_engine, "reference": phase_reference, "service": phase_service, "train": phase_train}
+def phase_cifar(ctx: Ctx, size: str) -> None:
+    """The field's CIFAR-10 DDPM architecture (35.7M, 3×32×32) served by this service (compiled, CUDA
+    graphs) and by diffusers' DDIMPipeline behind a FastAPI app, eager and compiled (bench/cifar.py)."""
+    from bench import cifar
+
+    servers = cifar.GPU_SERVERS if ctx.cuda else cifar.CPU_SERVERS[:2]
+    result = cifar.run(str(ctx.device), ctx.work, mini=ctx.mini, sequential=2 if ctx.mini else 5,
+                       waves=[2] if ctx.mini else [8, 32], servers=servers, log_dir=ctx.out)
+    for row in result["rows"]:
+        ctx.add(phase="cifar", **{k: v for k, v in row.items() if k != "ours"})
+    for row in result["ratios"]:
+        ctx.add(phase="cifar", what="this service / best diffusers", **row)
+    ctx.notes.append("cifar start-up to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["ready_s"].items()))
+
+
+PHASES = {"engine": phase_engine, "reference": phase_reference, "service": phase_service, "cifar": phase_cifar,
+          "train": phase_train}
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -374,8 +393,11 @@ def main(argv=None) -> int:
             "phases": phases, "steps": ctx.steps, "threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     failures = 0
-    # the first size's inference phases, then the next size's, then training (the least urgent)
-    order = [(p, s) for s in sizes for p in phases if p != "train"] + [("train", s) for s in sizes if "train" in phases]
+    # the first size's inference phases and the CIFAR case (once), then the next size's, then training
+    order = [(p, s) for s in sizes for p in phases if p not in ("train", "cifar")]
+    if "cifar" in phases:
+        order.insert(len([p for p in phases if p not in ("train", "cifar")]), ("cifar", sizes[0]))
+    order += [("train", s) for s in sizes if "train" in phases]
     for phase, size in order:
         if ctx.left() < 0:
             ctx.notes.append(f"{phase} {size}: skipped, the {args.budget_s:.0f} s budget was spent")

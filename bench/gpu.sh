@@ -2,14 +2,15 @@
 # The GPU benchmark (bench/gpu.py) as one command for a session that is lent a GPU through the device
 # tool (15 minutes of device time in all; this script is sized for about 6). Prepare on the CPU machine:
 #
-#   EXTRA="diffusers==0.42.1 regex importlib_metadata zipp httpx httpcore h11 anyio sniffio" ../shared/device/wheels.sh
+#   EXTRA="diffusers==0.42.1 regex importlib_metadata zipp httpx httpcore h11 anyio sniffio python-multipart" ../shared/device/wheels.sh
 #   run: bash bench/gpu.sh          (timeout_s ~480; results come back under $OUT)
 #
 # It measures, side by side in one run on the same GPU: this project's runner (eager; compiled with
 # every iteration a CUDA graph), the service over HTTP (one request, saturation, mixed traffic), the
 # same weights in diffusers' DDIMScheduler loop (eager) and as the best a diffusers user can do
-# (compiled, the whole loop one CUDA graph), diffusers' UNet2DModel of the same size both ways, and
-# training images/s against a plain diffusers training step. Commit $OUT/results.{json,md} to
+# (compiled, the whole loop one CUDA graph), diffusers' UNet2DModel of the same size both ways, the
+# CIFAR-10 DDPM architecture served by this service against diffusers' DDIMPipeline behind FastAPI
+# (eager and compiled), and training images/s against a plain diffusers training step. Commit $OUT/results.{json,md} to
 # bench/results/ and put the figures in the README.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -27,7 +28,7 @@ fi
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 # MINI=1 DEVICE=cpu: the miniature the CI runs (tests/bench), so this script cannot rot unnoticed
 timeout "${BENCH_TIMEOUT:-420}" "$PYTHON" -m bench.gpu --device "${DEVICE:-cuda}" --sizes "${SIZES:-small,large}" \
-  --phases "${PHASES:-engine,reference,service,train}" --budget-s "${BUDGET_S:-300}" --out "$OUT" \
+  --phases "${PHASES:-engine,reference,service,cifar,train}" --budget-s "${BUDGET_S:-300}" --out "$OUT" \
   ${MINI:+--mini} 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
 status=${PIPESTATUS[0]}
 cat "$OUT"/service-*.log 2>/dev/null | tail -n 40 > "$OUT/service-tail.log"

@@ -20,8 +20,10 @@ from PIL import Image
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[C, H, W] in [-1, 1] -> uint8 [H, W] (grey) or [H, W, 3]."""
-    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    """[C, H, W] in [-1, 1] -> uint8 [H, W] (grey) or [H, W, 3]. In NumPy, so that the threads that
+    encode images never start an OpenMP pool (service/engine/threads.py says why that matters)."""
+    arr = x.detach().float().cpu().numpy()
+    arr = np.rint((np.clip(arr, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
     return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
 
 
@@ -46,9 +48,9 @@ def image_tensor(img: Image.Image, shape: tuple[int, int, int]) -> torch.Tensor:
     """A given image as the model's input [C, H, W] in [-1, 1] (the module's rule)."""
     c, h, w = shape
     img = _fit(img.convert("L" if c == 1 else "RGB"), h, w, Image.Resampling.LANCZOS)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float()
-    arr = arr.unsqueeze(0) if c == 1 else arr.permute(2, 0, 1)
-    return arr / 127.5 - 1.0
+    arr = np.asarray(img, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)  # NumPy: see to_uint8
+    arr = arr[None] if c == 1 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def has_alpha(img: Image.Image) -> bool:
@@ -63,7 +65,7 @@ def mask_tensor(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
         repaint = np.asarray(img.convert("L"), dtype=np.uint8) >= 128
     binary = Image.fromarray(repaint.astype(np.uint8) * 255)
     out = np.asarray(_fit(binary, size[0], size[1], Image.Resampling.NEAREST), dtype=np.uint8) >= 128
-    return torch.from_numpy(out.copy()).float().unsqueeze(0)
+    return torch.from_numpy(out.astype(np.float32)[None])
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -73,15 +75,16 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
-    """[N, C, H, W] -> one [C, H', W'] image tiled ``nrow`` per row, padded with -1 (black)."""
+    """[N, C, H, W] -> one [C, H', W'] image tiled ``nrow`` per row, padded with -1 (black). (NumPy, as to_uint8.)"""
     n, c, h, w = x.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
-    out = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), -1.0)
+    src = x.detach().float().cpu().numpy()
+    out = np.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), -1.0, dtype=np.float32)
     for k in range(n):
         r, col = divmod(k, nrow)
-        out[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[k].float().cpu()
-    return out
+        out[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = src[k]
+    return torch.from_numpy(out)
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:

@@ -162,8 +162,10 @@ class Pipeline:
         guidance = card.default_guidance if guidance is None else guidance
         self.check_guidance(guidance)
         options = {**card.sampler_defaults.get(scheduler, {}), **options}
+        # ε̄ = ε_c + w·(ε_c − ε_u) is ε_c when c is the null condition: such a row is not guided (half the work)
+        guided = cond is not None and not condition.unconditional
         return RowRequest(scheduler, steps or card.default_steps, int(seed), cond,
-                          guidance=float(guidance) if cond is not None else 0.0, clip=clip or card.default_clip,
+                          guidance=float(guidance) if guided else 0.0, clip=clip or card.default_clip,
                           percentile=float(percentile), spacing=spacing, options=options, x_T=x_T, image=image,
                           mask=mask, strength=float(strength), jump_length=int(jump_length),
                           jump_n_sample=int(jump_n_sample))

@@ -6,11 +6,19 @@ Every option is a field of :class:`service.settings.Settings` and also an enviro
 
 from __future__ import annotations
 
-import argparse
-import math
-import sys
+import os
 
-from pydantic import ValidationError
+# One intra-op thread for every thread of the process but the engine's, which sets its own count per
+# iteration (service/engine/threads.py). Set before torch is imported, since OpenMP reads it once: a
+# thread pool that any other thread (model loading, PNG encoding) started would otherwise make every
+# OpenMP worker sleep between parallel regions instead of spinning, about 40 % slower on 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+
+from pydantic import ValidationError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> dict:

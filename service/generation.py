@@ -10,11 +10,12 @@ import math
 import secrets
 from typing import NamedTuple
 
+import numpy as np
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from diffusion import SAMPLERS, ConditionError, Pipeline
-from diffusion.imaging import image_tensor, mask_tensor
+from diffusion.imaging import has_alpha, image_tensor, mask_tensor
 
 from service import images
 from service.engine import GenerationSpec
@@ -60,10 +61,11 @@ def preview_points(total: int, every: int | None, fractions: list[float] | None,
 
 
 def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings, stream: bool = False,
-            given: dict[str, Image.Image] | None = None, kind: str | None = None) -> Prepared:
+            given: dict[str, bytes] | None = None, kind: str | None = None, alpha_mask: bool = False) -> Prepared:
     """Validate ``req`` against its model and the service limits; raise FieldErrors, UnknownModel or
-    images.TooLarge. ``given``: an edit's image (and mask) already decoded (the OpenAI endpoints
-    read them from files); else they are decoded from the request's base64 fields."""
+    images.TooLarge. ``given``: an edit's image (and mask) file bytes (the OpenAI endpoints read them
+    from multipart files); else they come from the request's base64 fields. ``alpha_mask``: without a
+    mask, an image's transparent pixels (alpha = 0) are the ones to repaint (OpenAI's edits)."""
     name = model_name(req, registry)
     pipe = registry[name]
     card = pipe.card
@@ -90,7 +92,7 @@ def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings, s
             condition = pipe.resolve(req.prompt, req.class_label)
         except ConditionError as e:
             errors.append(("prompt" if req.prompt is not None else "class_label", str(e), "value_error"))
-    edit, edit_errors = _edit(req, pipe, settings, given)
+    edit, edit_errors = _edit(req, pipe, settings, given, alpha_mask)
     errors += edit_errors
     evaluations = 0
     if steps > max_steps:
@@ -105,7 +107,8 @@ def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings, s
         if stream else frozenset()
     spec = GenerationSpec(
         model=name, condition=condition, scheduler=req.scheduler, steps=steps,
-        guidance=float(req.guidance if req.guidance is not None else card.default_guidance),
+        guidance=0.0 if condition.unconditional else float(req.guidance if req.guidance is not None
+                                                           else card.default_guidance),
         seeds=tuple(seed + k for k in range(req.num_images)), eta=float(req.eta or 0.0),
         clip=req.clip or card.default_clip,
         percentile=float(req.percentile), spacing=req.spacing,
@@ -115,28 +118,41 @@ def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings, s
 
 
 async def prepare_async(req: GenerateRequest, registry: ModelRegistry, settings: Settings, stream: bool = False,
-                        given: dict[str, Image.Image] | None = None, kind: str | None = None) -> Prepared:
+                        given: dict[str, bytes] | None = None, kind: str | None = None,
+                        alpha_mask: bool = False) -> Prepared:
     """:func:`prepare`, in the thread pool when there is an image to decode or convert."""
     if req.image is None and req.mask is None and not given:
-        return prepare(req, registry, settings, stream, given, kind)
-    return await run_in_threadpool(prepare, req, registry, settings, stream, given, kind)
+        return prepare(req, registry, settings, stream, given, kind, alpha_mask)
+    return await run_in_threadpool(prepare, req, registry, settings, stream, given, kind, alpha_mask)
 
 
-def _edit(req: GenerateRequest, pipe: Pipeline, settings: Settings,
-          given: dict[str, Image.Image] | None) -> tuple[dict, list[tuple[str, str, str]]]:
+def _decoded(req: GenerateRequest, settings: Settings, given: dict[str, bytes] | None,
+             errors: list) -> dict[str, Image.Image]:
+    out = {}
+    for field in ("image", "mask"):
+        text = getattr(req, field)
+        data = (given or {}).get(field)
+        if text is None and data is None:
+            continue
+        try:
+            if data is None:
+                data = images.from_base64(text, field, settings.max_image_bytes)
+            out[field] = images.decode(data, field, settings.max_image_bytes, settings.max_image_pixels)
+        except images.BadImage as e:
+            errors.append((field, e.message, "value_error"))
+    return out
+
+
+def _edit(req: GenerateRequest, pipe: Pipeline, settings: Settings, given: dict[str, bytes] | None,
+          alpha_mask: bool) -> tuple[dict, list[tuple[str, str, str]]]:
     """The edit's arguments (GenerationSpec's image, mask, strength, jump_length, jump_n_sample) and
     the errors found on the way."""
     errors: list[tuple[str, str, str]] = []
-    decoded = dict(given or {})
-    for field in ("image", "mask"):
-        text = getattr(req, field)
-        if text is not None:
-            try:
-                decoded[field] = images.decode(images.from_base64(text, field, settings.max_image_bytes), field,
-                                               settings.max_image_bytes, settings.max_image_pixels)
-            except images.BadImage as e:
-                errors.append((field, e.message, "value_error"))
+    decoded = _decoded(req, settings, given, errors)
     image, mask = decoded.get("image"), decoded.get("mask")
+    if alpha_mask and mask is None and image is not None and has_alpha(image) and \
+            bool((np.asarray(image.convert("RGBA"))[..., 3] == 0).any()):
+        decoded["mask"] = mask = image  # its transparent pixels are the ones to repaint (mask_tensor's rule)
     repaint = req.jump_length is not None or req.jump_n_sample is not None
     if image is None and not errors:
         for field in ("mask", "strength", "jump_length", "jump_n_sample"):

@@ -1,6 +1,7 @@
 """The OpenAI Images API's bodies, as far as this service speaks it (``/v1/images/generations``,
-``/v1/models``): OpenAI's fields and shapes, and this service's own sampling fields as extra body
-fields. The reference is the official ``openai`` package's types."""
+``/v1/images/edits``, ``/v1/images/variations``, ``/v1/models``): OpenAI's fields and shapes, and this
+service's own sampling (and editing) fields as extra body fields. The reference is the official
+``openai`` package's types."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.schemas import Sampling
+from service.schemas import Editing, Sampling
 
 
 class ImageGenerationRequest(Sampling):
@@ -29,6 +30,36 @@ class ImageGenerationRequest(Sampling):
     partial_images: int | None = Field(None, strict=True, ge=0, le=3, description="Streamed: partial images "
                                        "(x̂0 previews) spread over the run; fewer when the run is short.")
     user: str | None = Field(None, description="An end-user id (accepted; not stored).")
+
+
+class ImageEditRequest(Sampling, Editing):
+    """The text parts of an edit's multipart body (the files are ``image`` or ``image[]``, and ``mask``)."""
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="Text; an unconditional model takes the empty prompt.")
+    model: str | None = None
+    n: int | None = Field(None, strict=True, ge=1)
+    size: str | None = Field(None, description="`auto` or the model's own `WIDTHxHEIGHT`; the image is converted "
+                             "to it (centre-cropped, resized).")
+    response_format: Literal["b64_json", "url"] | None = None
+    stream: bool | None = Field(None, strict=True, description="Server-Sent Events: `image_edit.partial_image`, "
+                                "then `image_edit.completed` per image.")
+    partial_images: int | None = Field(None, strict=True, ge=0, le=3)
+    user: str | None = None
+
+
+class ImageVariationRequest(Sampling, Editing):
+    """The text parts of a variation's multipart body (the file is ``image``): OpenAI's fields, and this
+    service's own as extra ones, ``prompt`` or ``class_label`` among them (default: no condition)."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    n: int | None = Field(None, strict=True, ge=1)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    user: str | None = None
+    prompt: str | None = Field(None, description="This service's: vary toward this prompt (or class name).")
+    class_label: int | str | None = Field(None, description="This service's: vary toward this class.")
 
 
 class ImageData(BaseModel):
@@ -104,5 +135,17 @@ class OpenAIStreamError(BaseModel):
     error: OpenAIErrorDetail
 
 
+class EditPartialImageEvent(ImageEvent):
+    type: Literal["image_edit.partial_image"] = "image_edit.partial_image"
+    partial_image_index: int = Field(description="0-based: which of the partial images.")
+
+
+class EditCompletedEvent(ImageEvent):
+    type: Literal["image_edit.completed"] = "image_edit.completed"
+    usage: Usage = Field(default_factory=Usage)
+
+
 STREAM_EVENTS = {"image_generation.partial_image": PartialImageEvent,
                  "image_generation.completed": CompletedImageEvent, "error": OpenAIStreamError}
+EDIT_STREAM_EVENTS = {"image_edit.partial_image": EditPartialImageEvent, "image_edit.completed": EditCompletedEvent,
+                      "error": OpenAIStreamError}

@@ -181,5 +181,9 @@ class Settings(BaseSettings):
         return Policy(order=self.admission, short_work=self.short_request_evaluations,
                       reserve_rows=min(reserve, self.max_batch_rows - 1), starvation_s=self.starvation_s)
 
+    def max_body_bytes(self) -> int:
+        """A request body, at most: an image and a mask at the byte limit, base64-encoded, and the rest."""
+        return 3 * self.max_image_bytes + 1024 * 1024
+
     def key_values(self) -> list[bytes]:
         return [k.get_secret_value().encode() for k in self.api_keys]

@@ -40,6 +40,11 @@ class Condition:
     label: int | None  # class index (class-conditional models)
     prompt: str | None  # text (text models)
 
+    @property
+    def unconditional(self) -> bool:
+        """The null condition itself (no class, no prompt): guiding toward it changes nothing."""
+        return self.label is None and not self.prompt
+
 
 @dataclass(frozen=True, eq=False)
 class ModelCard:

@@ -16,11 +16,12 @@ from starlette.exceptions import HTTPException
 
 from diffusion import SAMPLERS
 from service.api import openai_api, playground
-from service.api.errors import http_error, validation_error
-from service.api.middleware import RequestLog
+from service.api.errors import http_error, too_large, validation_error
+from service.api.middleware import BodyLimit, BodyTooLarge, RequestLog
 from service.api.openapi import add_models
 from service.api.routes import router
 from service.engine import Engine
+from service.images import TooLarge
 from service.metrics import Metrics
 from service.openai_schemas import STREAM_EVENTS as OPENAI_STREAM_EVENTS
 from service.registry import ModelRegistry, resolve_device
@@ -71,10 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(playground.router)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(TooLarge, too_large)
+    app.add_exception_handler(BodyTooLarge, too_large)
     add_models(app, [*STREAM_EVENTS.values(), *OPENAI_STREAM_EVENTS.values()])
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "X-Seeds", "Retry-After"])
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes())
     app.add_middleware(RequestLog, metrics=app.state.metrics)
     return app

@@ -10,13 +10,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from diffusion import SAMPLERS
-from service.api.middleware import GENERATION_PATHS
+from service.api.middleware import GENERATION_PATHS, BodyTooLarge
+from service.images import TooLarge
 
 OPENAI_PREFIX = "/v1/"
 
 # OpenAI's error types by status (its API answers 401 and 404 as invalid requests too).
 _OPENAI_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
-_OPENAI_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 503: "service_unavailable", 504: "timeout"}
+_OPENAI_CODES = {401: "invalid_api_key", 413: "payload_too_large", 429: "rate_limit_exceeded",
+                 503: "service_unavailable", 504: "timeout"}
 
 
 def is_openai(request: Request) -> bool:
@@ -80,9 +82,21 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse({"detail": items}, status_code=422)
 
 
+async def too_large(request: Request, exc: TooLarge | BodyTooLarge) -> JSONResponse:
+    """413 for an image file or a whole body over the service's limits, in the path's shape."""
+    field = getattr(exc, "field", None)
+    if is_openai(request):
+        return openai_error(413, f"{exc}.", field)
+    return JSONResponse({"detail": [{"field": field or "body", "msg": str(exc), "type": "too_large",
+                                     "loc": ["body", *([field] if field else [])]}]}, status_code=413)
+
+
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """HTTP errors raised by routes, dependencies and routing (404, 405), in the path's shape. A body
-    that FastAPI could not even decode (not UTF-8, nested too deep) is malformed JSON like any other."""
+    that FastAPI could not even decode (not UTF-8, nested too deep) is malformed JSON like any other;
+    one it stopped reading at the size limit is a 413."""
+    if isinstance(exc.__cause__, BodyTooLarge):
+        return await too_large(request, exc.__cause__)
     headers = getattr(exc, "headers", None)
     if exc.status_code == 400 and exc.__cause__ is not None and not is_openai(request):
         item = {"field": "body", "msg": "malformed JSON: the body could not be decoded", "type": "json_invalid",

@@ -1,6 +1,6 @@
 """A request id for every request (the ``X-Request-ID`` header, echoed back), one JSON log line per
-request, and the per-request outcome of generation requests (/generate, /v1/images/generations)
-counted in the metrics.
+request, and the per-request outcome of generation and edit requests counted in the metrics; and a
+bound on every request body (:class:`BodyLimit`).
 
 Pure ASGI (no BaseHTTPMiddleware), so it never buffers responses or interferes with disconnects.
 Routes add fields to the log line through ``request.state.log`` (a dict).
@@ -18,6 +18,42 @@ log = logging.getLogger("service.requests")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 GENERATION_PATHS = ("/generate", "/v1/images/generations", "/v1/images/edits", "/v1/images/variations")
 KIND_OF_PATH = {"/v1/images/edits": "edit", "/v1/images/variations": "variation"}
+
+
+class BodyTooLarge(Exception):
+    """A request body past the service's limit (answered 413 by the app's error handlers)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the request body exceeds {limit} bytes")
+        self.limit = limit
+
+
+class BodyLimit:
+    """Refuse a body over ``limit`` bytes before it is read: at once from its Content-Length, or, for a
+    chunked body, as soon as that many bytes have come in (the read raises :class:`BodyTooLarge`)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            async def refused():  # the app answers 413 in its own shape without reading the body
+                raise BodyTooLarge(self.limit)
+            return await self.app(scope, refused, send)
+        seen = 0
+
+        async def bounded():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+        return await self.app(scope, bounded, send)
 
 
 class RequestLog:

@@ -1,6 +1,7 @@
-"""OpenAI Images API compatibility: ``POST /v1/images/generations`` and ``GET /v1/models``, so the
-official ``openai`` client (and the tools built on it) work unmodified. A request is translated into
-a native :class:`GenerateRequest` and goes the native way; errors take OpenAI's shape
+"""OpenAI Images API compatibility: ``POST /v1/images/generations``, ``/v1/images/edits`` and
+``/v1/images/variations`` (multipart, :mod:`service.api.openai_forms`), and ``GET /v1/models``, so
+the official ``openai`` client (and the tools built on it) work unmodified. A request is translated
+into a native :class:`GenerateRequest` and goes the native way; errors take OpenAI's shape
 (:mod:`service.api.errors`)."""
 
 from __future__ import annotations
@@ -9,36 +10,37 @@ import asyncio
 import datetime as _dt
 import time
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
 
 from service import render
 from service.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep, require_key
 from service.api.errors import openai_body
 from service.api.jobs import submit, wait
 from service.api.openapi import event_stream
+from service.api import openai_forms
+from service.api.openai_forms import invalid
 from service.api.streaming import KEEP_ALIVE, EventBuffer, EventStream, Failed, Finished, Heartbeat, follow, sse
 from service.engine import Engine, Job, Preview
-from service.generation import FieldErrors, prepare
+from service.generation import FieldErrors, prepare_async
 from service.metrics import Metrics
-from service.openai_schemas import (STREAM_EVENTS, CompletedImageEvent, ImageData, ImageGenerationRequest,
-                                    ImagesResponse, OpenAIErrorResponse, OpenAIModel, OpenAIModelList,
-                                    OpenAIStreamError, PartialImageEvent)
+from service.openai_schemas import (EDIT_STREAM_EVENTS, STREAM_EVENTS, CompletedImageEvent, EditCompletedEvent,
+                                    EditPartialImageEvent, ImageData, ImageEditRequest, ImageGenerationRequest,
+                                    ImagesResponse, ImageVariationRequest, OpenAIErrorResponse, OpenAIModel,
+                                    OpenAIModelList, OpenAIStreamError, PartialImageEvent)
 from service.registry import ModelRegistry
-from service.schemas import GenerateRequest, Sampling
+from service.schemas import Editing, GenerateRequest, Sampling
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 ERRORS = {status: {"model": OpenAIErrorResponse, "description": text} for status, text in {
     400: "Invalid request: the parameter is named in error.param", 401: "API keys are configured and none valid "
-    "was given", 404: "Unknown model", 429: "Queue full; see Retry-After", 503: "Not ready or shutting down",
-    504: "The request's deadline passed"}.items()}
-
-
-def invalid(param: str | None, message: str, code: str = "invalid_value") -> HTTPException:
-    return HTTPException(400, {"message": message, "param": param, "code": code})
+    "was given", 404: "Unknown model", 413: "An image (or the body) over the service's byte limit",
+    429: "Queue full; see Retry-After", 503: "Not ready or shutting down", 504: "The request's deadline passed"}.items()}
 
 
 def image_size(shape) -> str:
@@ -46,12 +48,14 @@ def image_size(shape) -> str:
     return f"{shape[2]}x{shape[1]}"
 
 
-def native(req: ImageGenerationRequest, registry: ModelRegistry) -> tuple[GenerateRequest, str]:
-    """The native request this one stands for, and its image size; 400 or 404 for what cannot be served."""
+def native(req: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest,
+           registry: ModelRegistry) -> tuple[GenerateRequest, str]:
+    """The native request this one stands for (its images aside), and its image size; 400 or 404 for
+    what cannot be served."""
     if req.response_format == "url":
         raise invalid("response_format", "response_format 'url' is not supported: this service returns images "
                       "inline only; use 'b64_json' (the default).", "unsupported_value")
-    stream = bool(req.stream)
+    stream = bool(getattr(req, "stream", None))
     name = req.model if req.model is not None else registry.default
     if name not in registry:
         raise HTTPException(404, {"message": f"The model '{req.model}' does not exist; available: "
@@ -60,10 +64,13 @@ def native(req: ImageGenerationRequest, registry: ModelRegistry) -> tuple[Genera
     card = registry[name].card
     # OpenAI's prompt is required; an unconditional model takes the empty one as no prompt
     prompt = None if req.prompt == "" and card.conditioning == "none" else req.prompt
-    fields = {**req.model_dump(include=set(Sampling.model_fields)), "prompt": prompt, "model": req.model,
-              "num_images": req.n or 1, "stream": stream}
-    if stream and req.partial_images:
-        fields["preview_at"] = [j / (req.partial_images + 1) for j in range(1, req.partial_images + 1)]
+    shared = set(Sampling.model_fields) | set(Editing.model_fields)
+    fields = {**req.model_dump(include=shared & set(type(req).model_fields), exclude_none=True), "prompt": prompt,
+              "model": req.model, "num_images": req.n or 1, "stream": stream,
+              "class_label": getattr(req, "class_label", None)}
+    partial = getattr(req, "partial_images", None)
+    if stream and partial:
+        fields["preview_at"] = [j / (partial + 1) for j in range(1, partial + 1)]
     body = GenerateRequest.model_validate(fields)
     size = image_size(card.image_shape)
     if req.size not in (None, "auto", size):
@@ -72,22 +79,33 @@ def native(req: ImageGenerationRequest, registry: ModelRegistry) -> tuple[Genera
     return body, size
 
 
-@router.post("/images/generations", response_model=ImagesResponse, dependencies=[Depends(require_key)],
-             responses={**ERRORS, 200: {"content": event_stream(STREAM_EVENTS),
-                                        "description": "JSON, or with `stream: true` Server-Sent Events "
-                                        "(partial images, then one completed event per image, or an `error` event)"}})
-async def images_generations(req: ImageGenerationRequest, request: Request, settings: SettingsDep,
-                             registry: RegistryDep, engine: EngineDep, metrics: MetricsDep):
-    """OpenAI's image generation: `client.images.generate(prompt=..., model=..., n=..., size=...)`. This
-    service's sampling fields (scheduler, steps, guidance, seed, …) go in the body too (`extra_body`)."""
+@dataclass(frozen=True)
+class Protocol:
+    """How an endpoint names its stream events and what kind of request it is."""
+    partial: type[BaseModel]
+    completed: type[BaseModel]
+    kind: str
+
+
+GENERATIONS = Protocol(PartialImageEvent, CompletedImageEvent, "generation")
+EDITS = Protocol(EditPartialImageEvent, EditCompletedEvent, "edit")
+VARIATIONS = Protocol(EditPartialImageEvent, EditCompletedEvent, "variation")
+
+
+async def _serve(req, request: Request, settings: Settings, registry: ModelRegistry, engine: Engine,
+                 metrics: Metrics, protocol: Protocol, files: dict[str, bytes] | None = None):
+    """Every OpenAI image endpoint's way: translate, prepare (decoding any image off the loop), run,
+    answer as JSON or as a stream of the protocol's events."""
     info = request.state.log
     model = registry.default if req.model is None else req.model if req.model in registry else "unknown"
-    info.update(model=model, scheduler=req.scheduler, images=req.n or 1, api="openai")  # labels: known names only
+    info.update(model=model, scheduler=req.scheduler, images=req.n or 1, api="openai", kind=protocol.kind)
     if settings.log_prompts:
         info.update(prompt=req.prompt)
     body, size = native(req, registry)
     try:
-        spec, previews, _ = prepare(body, registry, settings, body.stream)
+        spec, previews, _ = await prepare_async(body, registry, settings, body.stream, given=files,
+                                                kind=protocol.kind if files else None,
+                                                alpha_mask=protocol is EDITS)
     except FieldErrors as e:
         field, message, _ = e.errors[0]
         field = {"num_images": "n", "preview_at": "partial_images"}.get(field, field)
@@ -98,7 +116,7 @@ async def images_generations(req: ImageGenerationRequest, request: Request, sett
         job = submit(engine, spec, settings, buffer.listener)
         metrics.streamed(spec.model)
         info["stream"] = True
-        return EventStream(_events(engine, job, buffer, request, settings, metrics, size))
+        return EventStream(_events(engine, job, buffer, request, settings, metrics, size, protocol))
 
     job = submit(engine, spec, settings)
     result = await wait(engine, job, request, settings)
@@ -109,13 +127,73 @@ async def images_generations(req: ImageGenerationRequest, request: Request, sett
     images = await run_in_threadpool(render.b64_pngs, result.images)
     answer = ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b) for b in images], size=size)
     return Response(answer.model_dump_json(), media_type="application/json",
-                    headers={"X-Seeds": ",".join(map(str, spec.seeds))})
+                    headers={"X-Seeds": ",".join(map(str, spec.seeds)), "X-Evaluations": str(job.work)})
+
+
+@router.post("/images/generations", response_model=ImagesResponse, dependencies=[Depends(require_key)],
+             responses={**ERRORS, 200: {"content": event_stream(STREAM_EVENTS),
+                                        "description": "JSON, or with `stream: true` Server-Sent Events "
+                                        "(partial images, then one completed event per image, or an `error` event)"}})
+async def images_generations(req: ImageGenerationRequest, request: Request, settings: SettingsDep,
+                             registry: RegistryDep, engine: EngineDep, metrics: MetricsDep):
+    """OpenAI's image generation: `client.images.generate(prompt=..., model=..., n=..., size=...)`. This
+    service's sampling fields (scheduler, steps, guidance, seed, …) go in the body too (`extra_body`)."""
+    return await _serve(req, request, settings, registry, engine, metrics, GENERATIONS)
+
+
+def multipart(model: type[BaseModel], files: dict[str, str]) -> dict:
+    """The OpenAPI request body of a multipart endpoint: ``model``'s fields as text parts, ``files`` as
+    binary parts (name -> description)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("title", None)
+    props = {name: {"type": "string", "format": "binary", "description": text} for name, text in files.items()}
+    schema["properties"] = {**props, **schema.get("properties", {})}
+    schema["required"] = ["image", *schema.get("required", [])]
+    defs = schema.pop("$defs", None)
+    assert not defs, "multipart fields must be flat"
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+EDIT_FILES = {"image": "The image to edit (PNG, JPEG or WebP; `image[]` too, one image). Without a mask, its "
+              "transparent pixels (alpha = 0), if any, are the ones repainted.",
+              "mask": "Where to repaint, the image's size: alpha = 0 with an alpha channel, white (≥ 128) without."}
+@router.post("/images/edits", response_model=ImagesResponse, dependencies=[Depends(require_key)],
+             openapi_extra=multipart(ImageEditRequest, EDIT_FILES),
+             responses={**ERRORS, 200: {"content": event_stream(EDIT_STREAM_EVENTS),
+                                             "description": "JSON, or with `stream: true` Server-Sent Events "
+                                             "(image_edit.partial_image, image_edit.completed, error)"}})
+async def images_edits(request: Request, settings: SettingsDep, registry: RegistryDep, engine: EngineDep,
+                       metrics: MetricsDep):
+    """OpenAI's image edit: `client.images.edit(image=..., mask=..., prompt=...)`, a multipart form: with a
+    mask, inpainting; without one, image-to-image at the strength given (this service's fields, such as
+    strength, scheduler, steps, guidance, seed, jump_length, go as extra form fields: `extra_body`)."""
+    form = await openai_forms.read(request, ImageEditRequest, ("image", "mask"), settings.max_image_bytes)
+    req = openai_forms.validate(ImageEditRequest, form)
+    if "image" not in form.files:
+        raise invalid("image", "Missing required parameter: 'image'.", "missing_required_parameter")
+    return await _serve(req, request, settings, registry, engine, metrics, EDITS, form.files)
+
+
+@router.post("/images/variations", response_model=ImagesResponse, dependencies=[Depends(require_key)],
+             openapi_extra=multipart(ImageVariationRequest, {"image": EDIT_FILES["image"].split(". ")[0] + "."}),
+             responses=ERRORS)
+async def images_variations(request: Request, settings: SettingsDep, registry: RegistryDep, engine: EngineDep,
+                            metrics: MetricsDep):
+    """OpenAI's image variation: `client.images.create_variation(image=...)`: image-to-image of the image with
+    no new condition (or the prompt or class_label given as extra fields), at the service's
+    variation_strength unless `strength` says otherwise."""
+    form = await openai_forms.read(request, ImageVariationRequest, ("image",), settings.max_image_bytes)
+    req = openai_forms.validate(ImageVariationRequest, form)
+    if "image" not in form.files:
+        raise invalid("image", "Missing required parameter: 'image'.", "missing_required_parameter")
+    return await _serve(req, request, settings, registry, engine, metrics, VARIATIONS, form.files)
 
 
 async def _events(engine: Engine, job: Job, buffer: EventBuffer, request: Request, settings: Settings,
-                  metrics: Metrics, size: str):
+                  metrics: Metrics, size: str, protocol: Protocol):
     """OpenAI's stream: partial images (previews), a completed event per image, or an error event."""
     info, rounds = request.state.log, 0
+    partial, completed = protocol.partial, protocol.completed
     try:
         async with aclosing(follow(engine, job, buffer, request, settings.request_timeout_s)) as items:
             async for item in items:
@@ -123,15 +201,16 @@ async def _events(engine: Engine, job: Job, buffer: EventBuffer, request: Reques
                     yield KEEP_ALIVE
                 elif isinstance(item, Preview):
                     for b64 in await run_in_threadpool(render.b64_pngs, item.images):
-                        yield sse("image_generation.partial_image", PartialImageEvent(
-                            b64_json=b64, created_at=int(time.time()), size=size, partial_image_index=rounds))
+                        event = partial(b64_json=b64, created_at=int(time.time()), size=size,
+                                        partial_image_index=rounds)
+                        yield sse(event.type, event)
                     rounds += 1
                 elif isinstance(item, Finished):
                     result = item.result
                     info.update(queue_s=round(result.queued_s, 4), generating_s=round(result.generating_s, 4))
                     for b64 in await run_in_threadpool(render.b64_pngs, result.images):
-                        yield sse("image_generation.completed", CompletedImageEvent(
-                            b64_json=b64, created_at=int(time.time()), size=size))
+                        event = completed(b64_json=b64, created_at=int(time.time()), size=size)
+                        yield sse(event.type, event)
                 elif isinstance(item, Failed):
                     info["error"] = item.status
                     yield sse("error", OpenAIStreamError(**openai_body(item.status, item.message)))

@@ -278,11 +278,9 @@ def _threads(model: Model, setting: str | None) -> CpuThreads | None:
         return None
     card = model.card
     cond = None if card.cond_dim is None else torch.zeros(1, card.cond_dim, device=model.device)
-    per_row = flops_per_row(model.net, card.image_shape, cond, torch.device(model.device))
-    threads = CpuThreads(setting, per_row, torch.get_num_threads())
-    log.info("model %s: %.3g GFLOP per row; CPU threads %s (%d cores)", model.name, per_row / 1e9, setting,
-             threads.cores)
-    return threads
+    # counted on the engine's thread, at its first iteration: no OpenMP pool on the caller's thread
+    return CpuThreads(setting, lambda: flops_per_row(model.net, card.image_shape, cond, torch.device(model.device)),
+                      name=model.name)
 
 
 def _tell(job: Job, event) -> None:

@@ -9,15 +9,25 @@ between 2.0 and 2.7 GFLOP per iteration (this model's network costs 0.167 GFLOP 
 guided row). The 35.7M-parameter CIFAR-10 U-Net (12.1 GFLOP a row) is faster on two threads already
 at one row (146 vs 107 ms).
 
-So ``auto`` gives one thread to an iteration below :data:`PARALLEL_FLOPS` and every core above it,
-from the network's measured cost per row (one forward pass counted at start-up by
-``torch.utils.flop_counter``); a number fixes the count. Threads are set on the engine's own thread
-(PyTorch keeps the count per thread), so nothing else in the process is affected.
+So ``auto`` gives one thread to an iteration below :data:`PARALLEL_FLOPS` and every core above it
+(:func:`available_cores`: the CPUs this process may run on, and its cgroup's CPU quota), from the
+network's measured cost per row (one forward pass, counted by ``torch.utils.flop_counter`` on the
+engine's thread before its first iteration); a number fixes the count. Threads are set on the
+engine's own thread (OpenMP keeps the count per thread), so nothing else in the process is affected.
+
+No other thread should start an OpenMP pool: with more OpenMP threads than cores, libgomp makes every
+worker sleep between parallel regions instead of spinning, and each of the engine's ~100 regions per
+forward pass then pays a wake-up (measured: a 15-step CIFAR-sized run on a second thread took
+1.57-1.74 s with a pool in the main thread, 1.09-1.19 s without). ``python -m service`` therefore
+starts with ``OMP_NUM_THREADS=1`` unless it is set, and the service's own image conversions use NumPy.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+from collections.abc import Callable
 
 import torch
 
@@ -37,13 +47,35 @@ def flops_per_row(net, image_shape, cond: torch.Tensor | None, device: torch.dev
     return float(counter.get_total_flops())
 
 
-class CpuThreads:
-    """The intra-op thread count for each iteration (see the module docstring)."""
+def available_cores() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
-    def __init__(self, setting: str, per_row: float, cores: int):
+
+class CpuThreads:
+    """The intra-op thread count for each iteration (see the module docstring). ``per_row``: the FLOPs
+    of one row, or a function that counts them (called once, on the thread that first asks)."""
+
+    def __init__(self, setting: str, per_row: float | Callable[[], float], cores: int | None = None, name: str = ""):
         self.fixed = None if setting == "auto" else int(setting)
-        self.per_row, self.cores = per_row, max(1, cores)
+        self._per_row, self.name = per_row, name
+        self.cores = max(1, cores or available_cores())
         self._current = None
+
+    @property
+    def per_row(self) -> float:
+        if callable(self._per_row):
+            self._per_row = float(self._per_row())
+            log.info("model %s: %.3g GFLOP per row; CPU threads %s (%d cores)", self.name, self._per_row / 1e9,
+                     "auto" if self.fixed is None else self.fixed, self.cores)
+        return self._per_row
 
     def count(self, network_rows: int) -> int:
         if self.fixed is not None:

@@ -24,12 +24,15 @@ def test_gpu_script_in_miniature(tmp_path):
     report = json.loads((out / "results.json").read_text())
     assert not report["notes"], report["notes"]
     phases = {r["phase"] for r in report["results"]}
-    assert phases == {"engine", "reference", "service", "train"}
+    assert phases == {"engine", "reference", "service", "cifar", "train"}
+    cifar = [r for r in report["results"] if r["phase"] == "cifar"]
+    assert {r["server"] for r in cifar if "server" in r} == {"service", "diffusers-threads"}
+    assert all(r["throughput_ratio"] > 0 for r in cifar if "throughput_ratio" in r)
     service = {r["what"].split(" (")[0]: r for r in report["results"] if r["phase"] == "service"}
     assert service["one request, idle"]["p50_s"] > 0 and "ratio_p99_to_idle" in next(
         r for r in report["results"] if r.get("what", "").startswith("mixed"))
     md = (out / "results.md").read_text()
-    assert "## engine" in md and "## reference" in md and "## train" in md
+    assert "## engine" in md and "## reference" in md and "## cifar" in md and "## train" in md
 
 
 def test_the_graphed_diffusers_loop_is_the_same_ddim_as_the_scheduler():
@@ -59,3 +62,13 @@ def test_the_diffusers_unet_is_the_same_size_as_ours():
             size, (1, 28, 28), num_classes=10, class_names=tuple("abcdefghij"))))
         theirs = sum(p.numel() for p in ref.unet2d(size).parameters())
         assert abs(theirs / ours - 1) < tol, (size, ours, theirs)
+
+
+def test_the_cifar_case_has_the_published_models_architecture():
+    """google/ddpm-cifar10-32: 35.7M parameters (its UNet2DModel, built here on the meta device)."""
+    from diffusers import UNet2DModel
+
+    from bench import cifar
+    with torch.device("meta"):
+        unet = UNet2DModel(**cifar.ARCH)
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 35.7
