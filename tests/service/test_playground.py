@@ -99,3 +99,56 @@ def test_the_playground_shows_the_images_the_api_returns(browser, make_settings)
         assert "generating" in browser.find_element(By.ID, "timings").text
         curl = browser.find_element(By.ID, "curl").text
         assert curl.startswith(f"curl -N -X POST {url}/generate") and '"seed":11' in curl and '"stream":true' in curl
+
+
+def test_the_playground_edits_an_uploaded_image_with_a_painted_mask(browser, make_settings, tmp_path):
+    """Upload a picture, paint over its left part, generate: the result is the API's for the same
+    request (image, mask and seed as the page sent them), beside the input, and the unpainted pixels
+    come back as they were."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from tests.service.test_edits import digit
+
+    picture = tmp_path / "digit.png"
+    digit().resize((48, 48), Image.Resampling.NEAREST).save(picture)  # another size: drawn at the model's
+    with live_server(make_settings(max_steps=50, min_preview_every=2)) as url:
+        browser.get(url + "/")
+        wait_for(browser, "return document.getElementById('model').options.length === 2")
+        Select(browser.find_element(By.ID, "model")).select_by_value("tiny-digits")
+        Select(browser.find_element(By.ID, "scheduler")).select_by_value("ddpm")
+        for field, value in (("prompt", "three"), ("steps", "6"), ("seed", "21")):
+            browser.find_element(By.ID, field).send_keys(value)
+        count = browser.find_element(By.ID, "count")
+        count.clear()
+        count.send_keys("1")
+        browser.find_element(By.ID, "file").send_keys(str(picture))
+        assert wait_for(browser, "return document.body.dataset.image") == "16x16"
+        browser.execute_script("document.getElementById('brush').value = 6")
+        canvas = browser.find_element(By.ID, "mask")  # 128×128 on screen: 8 screen pixels per model pixel
+        ActionChains(browser).move_to_element_with_offset(canvas, -44, -60).click_and_hold() \
+            .move_by_offset(0, 60).move_by_offset(0, 58).release().perform()
+        browser.find_element(By.ID, "generate").click()
+        wait_for(browser, "return document.body.dataset.state === 'done'")
+        assert browser.find_element(By.ID, "input").is_displayed()
+
+        sent = browser.execute_script("return window.lastRequest")
+        assert sent["image"].startswith("data:image/png;base64,") and "mask" in sent and sent["seed"] == 21
+        body = {k: v for k, v in sent.items() if k not in ("stream", "preview_at")}
+        api = httpx.post(url + "/generate", json=body, timeout=60).json()
+        shown = [img.get_attribute("src") for img in browser.find_elements(By.CSS_SELECTOR, "#grid img.result")]
+        assert shown == ["data:image/png;base64," + b64 for b64 in api["images"]]
+
+        def decode(data_url):
+            return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+        image, out = (np.asarray(decode(u).convert("L")) for u in (sent["image"], shown[0]))
+        painted = np.asarray(decode(sent["mask"]).convert("RGBA"))[..., 3] == 0  # transparent: repaint
+        assert painted[:, :2].all() and not painted[:, 12:].any()  # the stroke covered the left columns only
+        assert np.array_equal(out[~painted], image[~painted])
+        assert not np.array_equal(out[painted], image[painted])
