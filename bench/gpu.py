@@ -339,7 +339,8 @@ def phase_cifar(ctx: Ctx, size: str) -> None:
         ctx.add(phase="cifar", **{k: v for k, v in row.items() if k != "ours"})
     for row in result["ratios"]:
         ctx.add(phase="cifar", what="this service / best diffusers", **row)
-    ctx.notes.append("cifar start-up to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["ready_s"].items()))
+    for server, seconds in result["ready_s"].items():
+        ctx.add(phase="cifar", server=server, what="start-up to /readyz", seconds=seconds)
 
 
 PHASES = {"engine": phase_engine, "reference": phase_reference, "service": phase_service, "cifar": phase_cifar,

@@ -28,6 +28,7 @@ def test_gpu_script_in_miniature(tmp_path):
     cifar = [r for r in report["results"] if r["phase"] == "cifar"]
     assert {r["server"] for r in cifar if "server" in r} == {"service", "diffusers-threads"}
     assert all(r["throughput_ratio"] > 0 for r in cifar if "throughput_ratio" in r)
+    assert {r["concurrent"] for r in cifar if "images_per_s" in r} == {1, 2}
     service = {r["what"].split(" (")[0]: r for r in report["results"] if r["phase"] == "service"}
     assert service["one request, idle"]["p50_s"] > 0 and "ratio_p99_to_idle" in next(
         r for r in report["results"] if r.get("what", "").startswith("mixed"))

@@ -2,8 +2,8 @@
 ones and deliberately invalid ones) for every operation, streaming included, and sends them to the
 app in-process (its lifespan started once, tiny real checkpoints, few steps). Every answer must be
 documented: no server error, a status code and content type the schema lists for the operation, a
-body that matches its schema, and invalid input refused; the multipart edit endpoints included. At
-least 3,000 cases in all."""
+body that matches its schema, and invalid input refused; the multipart edit endpoints included (with
+schema-valid input: see NEGATIVE). At least 3,000 cases in all."""
 
 from __future__ import annotations
 
@@ -30,18 +30,20 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 BUDGET = {
     ("POST", "/generate"): 600,
     ("POST", "/v1/images/generations"): 600,
-    ("POST", "/v1/images/edits"): 300,  # multipart: the image a binary part (mostly not an image: a 400)
-    ("POST", "/v1/images/variations"): 300,
+    ("POST", "/v1/images/edits"): 500,  # multipart: the image a binary part (mostly not an image: a 400)
+    ("POST", "/v1/images/variations"): 500,
     ("GET", "/v1/models/{model}"): 200,
     ("GET", "/models"): 50, ("GET", "/v1/models"): 50, ("GET", "/healthz"): 50, ("GET", "/readyz"): 50,
     ("GET", "/metrics"): 50, ("GET", "/"): 50,
 }
-NEGATIVE = {("POST", "/generate"), ("POST", "/v1/images/generations"), ("POST", "/v1/images/edits"),
-            ("POST", "/v1/images/variations")}
-# Only the JSON bodies must refuse every schema-violating case: a multipart text part carries every value as
-# text, so a violating one (a number or an array where text belongs) often arrives as valid text. The
-# multipart endpoints are fuzzed with invalid input for every other check.
-JSON_GENERATION = {("POST", "/generate"), ("POST", "/v1/images/generations")}
+# Invalid input for the JSON bodies. The multipart ones are fuzzed with schema-valid input only (whose
+# "binary" parts are mostly not images, and whose numbers are often past the limits: 400s): a text part
+# carries every value as text, so a schema-violating one (a number or an array where text belongs)
+# often arrives as valid text, and schemathesis 4.32's negative generation for multipart bodies fails
+# on its own ("Unsupported type: 'Binary'") depending on what ran before it. Malformed multipart
+# bodies are tested one by one instead (tests/service/test_openai_edits.py).
+NEGATIVE = {("POST", "/generate"), ("POST", "/v1/images/generations")}
+JSON_GENERATION = NEGATIVE
 MODES = [(m, p, GenerationMode.POSITIVE) for m, p in BUDGET] + [(m, p, GenerationMode.NEGATIVE) for m, p in NEGATIVE]
 MIN_CASES = 3000
 ran: dict[tuple[str, str, str], Counter] = {}  # (method, path, mode) -> answers by (status, content type)
@@ -72,8 +74,7 @@ def test_every_operation_is_fuzzed(schema):
 @pytest.mark.parametrize("method,path,mode", MODES, ids=[f"{m} {p} {g.value}" for m, p, g in MODES])
 def test_contract(schema, method, path, mode):
     op = operation(schema, method, path)
-    rejects = mode is GenerationMode.NEGATIVE and (method, path) in JSON_GENERATION
-    checks = CHECKS + ([negative_data_rejection] if rejects else [])
+    checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
     answers: Counter = Counter()
 
     @given(case=op.as_strategy(generation_mode=mode))
