@@ -295,6 +295,6 @@ class RowTable:
 
     def _h2d(self, t: torch.Tensor) -> torch.Tensor:
         """A host tensor on the device without blocking (pinned, stream-ordered copy on CUDA)."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or t.device.type != "cpu":  # (a caller's tensor may already be on a GPU)
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)

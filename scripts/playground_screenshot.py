@@ -1,8 +1,10 @@
-"""The playground's picture in the docs: serve checkpoints/ on a loopback port, open GET / in headless
-Chromium (Debian's chromium + chromium-driver, through selenium), generate, save a screenshot
-(quantised to 64 colours: about 25 kB).
+"""The playground's pictures in the docs: serve checkpoints/ on a loopback port, open GET / in headless
+Chromium (Debian's chromium + chromium-driver, through selenium), generate (or, with ``--edit``,
+upload that image, paint over its left half and inpaint it), save a screenshot (quantised to 64
+colours: about 25 kB).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/playground_screenshot.py docs/playground.png
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/playground_screenshot.py docs/playground-edit.png --edit digit.png
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tests.service.conftest import live_server
 from tests.service.test_playground import BROWSER_FLAGS, CHROMEDRIVER, CHROMIUM
 
 
-def main(out: str) -> None:
+def main(out: str, edit: str | None = None) -> None:
     settings = Settings(checkpoint_dir=Path("checkpoints"), device="cpu")
     with live_server(settings) as url, tempfile.TemporaryDirectory() as profile:
         options = Options()
@@ -40,7 +42,17 @@ def main(out: str) -> None:
             for field, value in (("prompt", "nine"), ("steps", "20"), ("seed", "0")):
                 driver.find_element(By.ID, field).send_keys(value)
             driver.find_element(By.ID, "count").clear()
-            driver.find_element(By.ID, "count").send_keys("6")
+            driver.find_element(By.ID, "count").send_keys("4" if edit else "6")
+            if edit:
+                from selenium.webdriver.common.action_chains import ActionChains
+
+                driver.find_element(By.ID, "file").send_keys(str(Path(edit).resolve()))
+                while not driver.execute_script("return document.body.dataset.image"):
+                    time.sleep(0.1)
+                driver.execute_script("document.getElementById('brush').value = 12")
+                ActionChains(driver).move_to_element_with_offset(driver.find_element(By.ID, "mask"), -40, -58) \
+                    .click_and_hold().move_by_offset(0, 58).move_by_offset(0, 58).move_by_offset(16, 0) \
+                    .move_by_offset(0, -58).move_by_offset(0, -58).release().perform()
             driver.find_element(By.ID, "generate").click()
             while driver.execute_script("return document.body.dataset.state") == "running":
                 time.sleep(0.1)
@@ -52,4 +64,7 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "docs/playground.png")
+    args = sys.argv[1:]
+    image = args[args.index("--edit") + 1] if "--edit" in args else None
+    paths = [a for a in args if a not in ("--edit", image)]
+    main(paths[0] if paths else "docs/playground.png", image)

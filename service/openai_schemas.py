@@ -91,14 +91,20 @@ class ImageEvent(BaseModel):
     output_format: Literal["png"] = "png"
 
 
-class PartialImageEvent(ImageEvent):
-    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+class _Partial(ImageEvent):
     partial_image_index: int = Field(description="0-based: which of the partial images.")
 
 
-class CompletedImageEvent(ImageEvent):
-    type: Literal["image_generation.completed"] = "image_generation.completed"
+class _Completed(ImageEvent):
     usage: Usage = Field(default_factory=Usage)
+
+
+class PartialImageEvent(_Partial):
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+
+
+class CompletedImageEvent(_Completed):
+    type: Literal["image_generation.completed"] = "image_generation.completed"
 
 
 class OpenAIModel(BaseModel):
@@ -135,14 +141,12 @@ class OpenAIStreamError(BaseModel):
     error: OpenAIErrorDetail
 
 
-class EditPartialImageEvent(ImageEvent):
+class EditPartialImageEvent(_Partial):
     type: Literal["image_edit.partial_image"] = "image_edit.partial_image"
-    partial_image_index: int = Field(description="0-based: which of the partial images.")
 
 
-class EditCompletedEvent(ImageEvent):
+class EditCompletedEvent(_Completed):
     type: Literal["image_edit.completed"] = "image_edit.completed"
-    usage: Usage = Field(default_factory=Usage)
 
 
 STREAM_EVENTS = {"image_generation.partial_image": PartialImageEvent,

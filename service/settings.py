@@ -68,8 +68,8 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="on shutdown, time for in-flight work to finish")
     variation_strength: float = Field(0.6, gt=0, le=1, description="strength of a variation (and of an edit "
                                       "without a mask that names none); chosen by measurement (docs/edits.md)")
-    cpu_threads: str = Field("auto", description="intra-op threads of the engine on the CPU: auto (one for a "
-                             "small batch, every core for a big one, by the measured crossover) or a number")
+    cpu_threads: str = Field("auto", description="intra-op threads of the engine on the CPU: auto (one for an "
+                             "iteration under 0.5 GFLOP, every core above) or a number")
 
     # --- latency / throughput ------------------------------------------------------------------
     admission: str = Field("short-first", description="short-first (latency-sensitive requests go first, "

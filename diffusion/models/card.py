@@ -30,6 +30,11 @@ from diffusion.prediction import PREDICTION_TYPES
 from diffusion.schedules import Schedule
 
 
+def conditioning_name(classes: bool, text: bool) -> str:
+    """"class", "text", "class+text" or "none"."""
+    return "+".join(k for k, on in (("class", classes), ("text", text)) if on) or "none"
+
+
 class ConditionError(ValueError):
     """A prompt or class label the model cannot use (unknown class, wrong kind, too long)."""
 
@@ -90,8 +95,7 @@ class ModelCard:
 
     @property
     def conditioning(self) -> str:
-        kinds = [k for k, on in (("class", self.class_conditional), ("text", self.text_conditional)) if on]
-        return "+".join(kinds) or "none"
+        return conditioning_name(self.class_conditional, self.text_conditional)
 
 
 class Model(Protocol):

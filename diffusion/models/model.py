@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffusion.models.card import Condition, ModelCard
+from diffusion.models.card import Condition, ModelCard, conditioning_name
 from diffusion.models.text import TextEncoder, TextEncoderConfig
 from diffusion.models.unet import UNet, UNetConfig, unet_preset
 from diffusion.prediction import PREDICTION_TYPES
@@ -41,8 +41,7 @@ class ModelConfig:
 
     @property
     def conditioning(self) -> str:
-        kinds = [k for k, on in (("class", self.num_classes > 0), ("text", self.text is not None)) if on]
-        return "+".join(kinds) or "none"
+        return conditioning_name(self.num_classes > 0, self.text is not None)
 
     def validate(self) -> None:
         c, h, w = self.image_shape

@@ -23,6 +23,7 @@ from service.api.routes import router
 from service.engine import Engine
 from service.images import TooLarge
 from service.metrics import Metrics
+from service.openai_schemas import EDIT_STREAM_EVENTS
 from service.openai_schemas import STREAM_EVENTS as OPENAI_STREAM_EVENTS
 from service.registry import ModelRegistry, resolve_device
 from service.schemas import STREAM_EVENTS
@@ -74,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(TooLarge, too_large)
     app.add_exception_handler(BodyTooLarge, too_large)
-    add_models(app, [*STREAM_EVENTS.values(), *OPENAI_STREAM_EVENTS.values()])
+    add_models(app, [*STREAM_EVENTS.values(), *OPENAI_STREAM_EVENTS.values(), *EDIT_STREAM_EVENTS.values()])
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],

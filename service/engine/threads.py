@@ -1,25 +1,26 @@
-"""How many intra-op threads the engine's iterations use on the CPU.
+"""How many intra-op threads the engine's iterations use on the CPU, and why nothing else may use more
+than one.
 
-PyTorch's default (one per core) is the wrong choice for small batches: splitting a small
-convolution over two cores costs more in hand-offs than it saves, and the cores are then busy
-spinning while the event loop wants them. Measured on the project's 2-core machine (the default
-model, 28×28, guided, in-process): at 1 row an iteration took 14.5 ms on one thread and 41.3 ms on
-two; at 4 rows 38 vs 55 ms; at 8 rows 83 vs 73 ms; at 32 rows 377 vs 261 ms. The crossover lies
-between 2.0 and 2.7 GFLOP per iteration (this model's network costs 0.167 GFLOP per row, twice per
-guided row). The 35.7M-parameter CIFAR-10 U-Net (12.1 GFLOP a row) is faster on two threads already
-at one row (146 vs 107 ms).
+What mattered most was not the engine's count but the other threads': when any other thread of the
+process has run an OpenMP parallel region (loading a model, encoding a PNG), libgomp manages more
+threads than there are cores, and then puts every worker to sleep between parallel regions instead of
+spinning; each of the ~100 regions of a forward pass then pays a wake-up. Measured on this project's
+2-core machine: a 15-step CIFAR-sized run on a second thread took 1.57-1.74 s with a pool in the main
+thread, 1.09-1.19 s without; over HTTP, one DDIM-50 request of that model took 6.4-6.9 s in the
+service against 4.6-5.3 s in a plain diffusers app, its two threads 65-85 % busy instead of 100 %.
+That is also why one thread looked faster than two at small batches (the issue's 24 vs 32 ms at 1
+row): both were throttled. ``python -m service`` therefore starts with ``OMP_NUM_THREADS=1`` unless it
+is set, and the service's image conversions use NumPy, so the engine's thread alone runs a pool.
 
-So ``auto`` gives one thread to an iteration below :data:`PARALLEL_FLOPS` and every core above it
-(:func:`available_cores`: the CPUs this process may run on, and its cgroup's CPU quota), from the
-network's measured cost per row (one forward pass, counted by ``torch.utils.flop_counter`` on the
-engine's thread before its first iteration); a number fixes the count. Threads are set on the
-engine's own thread (OpenMP keeps the count per thread), so nothing else in the process is affected.
-
-No other thread should start an OpenMP pool: with more OpenMP threads than cores, libgomp makes every
-worker sleep between parallel regions instead of spinning, and each of the engine's ~100 regions per
-forward pass then pays a wake-up (measured: a 15-step CIFAR-sized run on a second thread took
-1.57-1.74 s with a pool in the main thread, 1.09-1.19 s without). ``python -m service`` therefore
-starts with ``OMP_NUM_THREADS=1`` unless it is set, and the service's own image conversions use NumPy.
+Measured then, in-process on the engine's own thread, the default model (0.167 GFLOP a row, twice per
+guided row): two threads against one are 1.25-1.57× faster from 1.3 GFLOP an iteration (4 guided rows)
+on, 1.38× at 2.7, 1.70-1.73× at 5.3-10.7 GFLOP; below 0.5 GFLOP (one row, or a 16×16 test model) the
+two are within this machine's noise (0.86-1.45×), and over HTTP one DDIM-50 "nine" took 0.54-0.60 s
+either way. So ``auto`` gives an iteration below :data:`PARALLEL_FLOPS` one thread (leaving a core to
+the event loop for no loss) and every core (:func:`available_cores`: the CPUs this process may run on,
+capped by its cgroup's CPU quota) above it, from the network's cost per row (one forward pass,
+counted by ``torch.utils.flop_counter`` on the engine's thread before its first iteration); a number
+fixes the count. Threads are set on the engine's own thread only (OpenMP keeps the count per thread).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 log = logging.getLogger("service.engine")
 
-PARALLEL_FLOPS = 2.5e9  # per iteration, at least this much work: every core (measured crossover, above)
+PARALLEL_FLOPS = 0.5e9  # per iteration, at least this much work: every core (measured, above)
 
 
 def flops_per_row(net, image_shape, cond: torch.Tensor | None, device: torch.device) -> float:

@@ -9,10 +9,10 @@ import torch
 from diffusion import SAMPLERS, Acceleration, RowRequest, Runner, make_schedule
 from diffusion.edits import evaluations, jumps, resample, row_plan, start_index
 from diffusion.sampling import initial_noise
-from diffusion.step import iterate
 from tests.diffusion.gaussian import exact_flow, gaussian_eps_model
 from tests.diffusion.test_samplers import PATH_TOL_50
-from tests.diffusion.test_step import ReplayingCapturer, _join_one_by_one, _tiny_pipeline, syncs
+from tests.diffusion.test_step import (ReplayingCapturer, _join_one_by_one, _tiny_pipeline,
+                                      assert_compiled_iteration_matches_eager, syncs)
 
 MU, S = 0.5, 0.3
 SHAPE = (1, 4, 4)
@@ -224,17 +224,7 @@ def test_edit_rows_give_the_same_image_alone_or_among_plain_rows():
 
 def test_the_iteration_with_edits_compiles_fullgraph_and_matches_eager():
     pipe = _tiny_pipeline()
-    rows = _edit_rows(pipe) + _plain_rows(pipe)
-    compiled = torch.compile(iterate, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (iterate, compiled):
-        runner = pipe.runner(len(rows), 20)
-        runner.add(rows)
-        for _ in range(6):
-            state = runner.table.view(len(runner))
-            runner.table.write(len(runner), fn(state, pipe.net, pipe.schedule, "epsilon", pipe.null_cond))
-        results.append(runner.table.state.x.clone())
-    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+    assert_compiled_iteration_matches_eager(pipe, _edit_rows(pipe) + _plain_rows(pipe), max_steps=20, iterations=6)
 
 
 def test_the_captured_graph_path_covers_edit_rows():

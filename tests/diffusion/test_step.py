@@ -86,12 +86,17 @@ def test_the_iteration_compiles_fullgraph_and_matches_eager_per_row():
     conds = [pipe.resolve(class_label=k) for k in range(3)]
     rows = [pipe.row_request(conds[k % 3], 40 + k, name, 7, guidance=[0.0, 1.5, 3.0][k % 3], clip=clip, **opts)
             for k, (name, opts, clip) in enumerate(CASES)]
+    assert_compiled_iteration_matches_eager(pipe, rows, max_steps=7, iterations=5)
+
+
+def assert_compiled_iteration_matches_eager(pipe, rows, max_steps: int, iterations: int) -> None:
+    """``iterate`` and ``torch.compile(iterate, fullgraph=True)`` over the same rows give the same states."""
     compiled = torch.compile(iterate, fullgraph=True, backend="aot_eager")
     results = []
     for fn in (iterate, compiled):
-        runner = pipe.runner(len(rows), 7)
+        runner = pipe.runner(len(rows), max_steps)
         runner.add(rows)
-        for _ in range(5):
+        for _ in range(iterations):
             state = runner.table.view(len(runner))
             runner.table.write(len(runner), fn(state, pipe.net, pipe.schedule, "epsilon", pipe.null_cond))
         results.append(runner.table.state.x.clone())

@@ -100,3 +100,16 @@ def test_at_least_3000_cases_in_all():
     total = sum(c.total() for c in ran.values())
     print(f"\n{total} cases in all")
     assert total >= MIN_CASES, ran
+
+
+def test_every_schema_reference_resolves(checkpoint_dir):
+    """Each stream event model (generation, edit) is among the document's components."""
+    import json
+    import re
+
+    from service.settings import Settings
+
+    doc = create_app(Settings(checkpoint_dir=checkpoint_dir, device="cpu")).openapi()
+    refs = set(re.findall(r"#/components/schemas/([A-Za-z0-9_]+)", json.dumps(doc)))
+    assert refs and refs <= set(doc["components"]["schemas"]), refs - set(doc["components"]["schemas"])
+    assert {"EditPartialImageEvent", "EditCompletedEvent", "PartialImageEvent"} <= refs
