@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     preview_buffer: int = Field(2, ge=1, description="previews waiting for a slow streaming client; a newer "
                                 "one pushes out the oldest (progress and results are never dropped)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on shutdown, time for in-flight work to finish")
-    variation_strength: float = Field(0.6, gt=0, le=1, description="strength of a variation (and of an edit "
+    variation_strength: float = Field(0.4, gt=0, le=1, description="strength of a variation (and of an edit "
                                       "without a mask that names none); chosen by measurement (docs/edits.md)")
     cpu_threads: str = Field("auto", description="intra-op threads of the engine on the CPU: auto (one for an "
                              "iteration under 0.5 GFLOP, every core above) or a number")
