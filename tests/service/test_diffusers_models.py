@@ -11,6 +11,7 @@ import base64
 import io
 import shutil
 
+import numpy as np
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
@@ -132,7 +133,9 @@ def test_same_seed_same_image_alone_or_co_batched_across_models(model_dir):
         return alone, answers[-1].json()["images"][0], seen
 
     alone, crowded, seen = serve(settings(model_dir), body)
-    assert alone == crowded
+    # batches of other sizes may round a convolution differently (as tests/service/test_engine.py allows):
+    # at most one pixel level apart
+    assert np.abs(np.asarray(png(alone), int) - np.asarray(png(crowded), int)).max() <= 1
     assert any(len(models) >= 2 for models in seen)  # the RGB models and the default one ran side by side
 
 

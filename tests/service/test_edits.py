@@ -120,7 +120,11 @@ def test_same_seed_same_edit_alone_or_among_other_requests(checkpoint_dir):
         answers = await asyncio.gather(*(client.post("/generate", json=b) for b in [others[0], edit, *others[1:]]))
         return alone, [a.json() for a in answers]
     alone, answers = serve(Settings(checkpoint_dir=checkpoint_dir, device="cpu", default_model="tiny-digits"), body)
-    assert answers[1]["images"][0] == alone
+    # batches of other sizes may round a convolution differently (tests/service/test_engine.py allows 2/255 in
+    # model space): at most one pixel level apart, and the kept half exactly the input
+    crowded = decoded(answers[1]["images"][0]).astype(int)
+    assert np.abs(crowded - decoded(alone).astype(int)).max() <= 1
+    assert np.array_equal(crowded[:, 8:], np.asarray(digit())[:, 8:])
 
 
 def test_edits_are_counted_by_kind(client):

@@ -1,7 +1,6 @@
 """training.study: the cell plan, and a tiny grid run end to end on two tiny models (linear and cosine
 β-schedules) trained for a few steps on real MNIST digits."""
 
-import csv
 import json
 import math
 
