@@ -14,7 +14,7 @@ import numpy as np
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from diffusion import SAMPLERS, ConditionError, Pipeline
+from diffusion import SAMPLERS, ConditionError, Pipeline, edits
 from diffusion.imaging import has_alpha, image_tensor, mask_tensor
 
 from service import images
@@ -47,7 +47,6 @@ def model_name(req: GenerateRequest, registry: ModelRegistry) -> str:
 class Prepared(NamedTuple):
     spec: GenerationSpec
     previews: frozenset[int]  # the model evaluations (done counts) whose previews a stream sends
-    evaluations: int  # per image
 
 
 def preview_points(total: int, every: int | None, fractions: list[float] | None, minimum: int) -> frozenset[int]:
@@ -114,7 +113,7 @@ def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings, s
         percentile=float(req.percentile), spacing=req.spacing,
         preview_every=math.gcd(*points),  # the engine previews at every multiple; the stream keeps the points
         kind=kind or ("edit" if edit["image"] is not None else "generation"), **edit)
-    return Prepared(spec, points, evaluations)
+    return Prepared(spec, points)
 
 
 async def prepare_async(req: GenerateRequest, registry: ModelRegistry, settings: Settings, stream: bool = False,
@@ -185,8 +184,7 @@ def _plan(req: GenerateRequest, pipe: Pipeline, steps: int, edit: dict,
     if len(plan) > max_plan:
         return 0, [("jump_n_sample", f"RePaint's plan visits {len(plan)} timesteps; at most {max_plan} "
                     "(the service's max_steps)", "less_than_equal")]
-    return pipe.evaluations(req.scheduler, steps, req.spacing, edit["strength"], edit["jump_length"],
-                            edit["jump_n_sample"]), []
+    return edits.evaluations(SAMPLERS[req.scheduler], plan), []
 
 
 def _preview_errors(req: GenerateRequest, stream: bool, minimum: int) -> list[tuple[str, str, str]]:

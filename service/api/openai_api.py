@@ -103,9 +103,8 @@ async def _serve(req, request: Request, settings: Settings, registry: ModelRegis
         info.update(prompt=req.prompt)
     body, size = native(req, registry)
     try:
-        spec, previews, _ = await prepare_async(body, registry, settings, body.stream, given=files,
-                                                kind=protocol.kind if files else None,
-                                                alpha_mask=protocol is EDITS)
+        spec, previews = await prepare_async(body, registry, settings, body.stream, given=files,
+                                             kind=protocol.kind if files else None, alpha_mask=protocol is EDITS)
     except FieldErrors as e:
         field, message, _ = e.errors[0]
         field = {"num_images": "n", "preview_at": "partial_images"}.get(field, field)

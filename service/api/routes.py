@@ -59,7 +59,7 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
         info.update(prompt=body.prompt, class_label=body.class_label)
     stream = body.stream or wants_events(request)
     try:
-        spec, previews, _ = await prepare_async(body, registry, settings, stream)
+        spec, previews = await prepare_async(body, registry, settings, stream)
     except UnknownModel as e:
         info["model"] = "unknown"  # never a user's string as a metric label
         raise HTTPException(404, str(e)) from None
