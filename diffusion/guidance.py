@@ -2,9 +2,11 @@
 
 - Guidance (Ho & Salimans 2022): ε̄ = (1 + w)·ε(x, t, y) − w·ε(x, t, ∅), computed as
   ε_c + w·(ε_c − ε_u), w per row. Conditional and unconditional evaluations share ONE forward pass:
-  with ``guided`` on, the batch is the rows followed by the same rows under the null condition (2B
-  rows; a row with w = 0 gets ε̄ = ε(x, t, y) exactly); with it off (no row is guided), the B rows
-  alone. No shape depends on tensor values.
+  with ``guided`` on, the batch is the rows followed by the same rows under their unconditional
+  vector (2B rows; a row with w = 0 gets ε̄ = ε(x, t, y) exactly); with it off (no row is guided), the
+  B rows alone. No shape depends on tensor values. The unconditional vector is per row: the model's
+  null condition, or the row's negative prompt in its place (so rows with and without one share the
+  pass). diffusers' ``guidance_scale`` s is ε_u + s·(ε_c − ε_u), that is w = s − 1.
 - Thresholding of the implied x̂0 = (x_t − sqrt(1−ᾱ)·ε̄)/sqrt(ᾱ), after which ε̄ is re-derived from
   the thresholded x̂0 so that every sampler sees a plain ε:
     "static":  clamp x̂0 to [−1, 1];
@@ -61,12 +63,14 @@ def threshold_x0(x0: torch.Tensor, clip: torch.Tensor, pct: torch.Tensor, dynami
     return torch.where((clip > 0).reshape(shape), clipped, x0)
 
 
-def net_inputs(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, null_cond: torch.Tensor | None,
+def net_inputs(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None,
                guided: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The forward pass's batch: the rows, then (``guided``) the same rows under the null condition."""
+    """The forward pass's batch: the rows, then (``guided``) the same rows under their own
+    unconditional vector ``uncond`` ([B, D]: the null condition, or a row's negative prompt; a [1, D]
+    vector serves every row)."""
     if not guided:
         return x, t, cond
-    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond.to(cond.dtype).expand(x.shape[0], -1)])
+    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond.to(cond.dtype).expand(x.shape[0], -1)])
 
 
 def combine(out_c: torch.Tensor, out_u: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule: Schedule,
@@ -94,8 +98,8 @@ def split(out: torch.Tensor, rows: int, guided: bool) -> tuple[torch.Tensor, tor
 
 
 def guided_eps(net: Net, schedule: Schedule, prediction: str, x: torch.Tensor, t: torch.Tensor,
-               cond: torch.Tensor | None, null_cond: torch.Tensor | None, w: torch.Tensor, clip: torch.Tensor,
+               cond: torch.Tensor | None, uncond: torch.Tensor | None, w: torch.Tensor, clip: torch.Tensor,
                pct: torch.Tensor, *, guided: bool, dynamic: bool) -> Denoised:
-    """:class:`Denoised` for every row from one forward pass of ``net``; ``guided`` needs ``cond`` and ``null_cond``."""
-    out_c, out_u = split(net(*net_inputs(x, t, cond, null_cond, guided)), x.shape[0], guided)
+    """:class:`Denoised` for every row from one forward pass of ``net``; ``guided`` needs ``cond`` and ``uncond``."""
+    out_c, out_u = split(net(*net_inputs(x, t, cond, uncond, guided)), x.shape[0], guided)
     return combine(out_c, out_u, x, t, schedule, prediction, w, clip, pct, dynamic=dynamic)

@@ -83,7 +83,8 @@ class Runner:
         self.null_cond = None if null_cond is None else null_cond.to(self.device)
         if cond_dim is None and null_cond is not None:
             cond_dim = int(null_cond.shape[-1])
-        self.table = RowTable(capacity, image_shape, max_steps, schedule, cond_dim, self.device)
+        self.table = RowTable(capacity, image_shape, max_steps, schedule, cond_dim, self.device,
+                              null_cond=self.null_cond)
         wanted = accel.buckets or power_of_two_buckets(capacity)
         self.buckets = tuple(sorted({min(int(b), capacity) for b in wanted} | {capacity}))
         self.iterations = 0

@@ -42,7 +42,7 @@ def prepare(schedule: Schedule, state: RowState, null_cond: torch.Tensor | None,
     x_in, t_in = query(schedule, state, kinds)
     # Finished and free rows (t = -1) ride along at t = 0; their samplers leave them unchanged.
     t_in = t_in.clamp(min=0)
-    return (x_in, t_in, *net_inputs(x_in, t_in, state.cond, null_cond, guided))
+    return (x_in, t_in, *net_inputs(x_in, t_in, state.cond, state.uncond, guided))
 
 
 def advance(schedule: Schedule, state: RowState, d: Denoised, *, kinds: tuple[int, ...], noise: bool,
@@ -65,7 +65,7 @@ def advance(schedule: Schedule, state: RowState, d: Denoised, *, kinds: tuple[in
 
 
 def is_guided(state: RowState, null_cond: torch.Tensor | None, guided: bool) -> bool:
-    return guided and state.cond is not None and null_cond is not None
+    return guided and state.uncond is not None and null_cond is not None
 
 
 def iterate(state: RowState, net: Net, schedule: Schedule, prediction: str, null_cond: torch.Tensor | None, *,

@@ -37,14 +37,16 @@ class RowRequest:
     steps: int
     seed: int
     cond: torch.Tensor | None = None  # [D] conditioning vector on the device (None: unconditional model)
+    uncond: torch.Tensor | None = None  # [D] the guided half's vector in place of the null condition (a negative prompt)
     guidance: float = 0.0
     clip: str = "none"
     percentile: float = 0.995
     spacing: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)  # eta, model_eps (ddim), variance (ddpm), alpha (heun)
     x_T: torch.Tensor | None = None  # starting noise [C, H, W]; default: the seed's counter-based draw
-    # Edits (diffusion.edits): the given image [C, H, W] in model space, where to repaint it
-    # ([1, H, W], 1: repaint, 0: keep the given pixel; None: no inpainting), the strength, RePaint.
+    # Edits (diffusion.edits): the given image [C, H, W] in sample space (a latent model's encoded
+    # latents), where to repaint it ([1, H, W] at sample resolution, 1: repaint, 0: keep the given
+    # sample; None: no inpainting), the strength, RePaint.
     image: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     strength: float = 1.0
@@ -76,7 +78,10 @@ class _Prepared:
 
 class RowTable:
     def __init__(self, capacity: int, image_shape: Sequence[int], max_steps: int, schedule: Schedule,
-                 cond_dim: int | None, device: torch.device | str, dtype: torch.dtype = torch.float32):
+                 cond_dim: int | None, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                 null_cond: torch.Tensor | None = None):
+        """``image_shape``: a row's sample shape; ``null_cond`` [1, D]: the unconditional vector of rows
+        that bring none of their own (None: the model has no null condition, and no row is guided)."""
         self.capacity, self.image_shape = int(capacity), tuple(image_shape)
         self.device = torch.device(device)
         self.plan_schedule = schedule.to("cpu")  # plans are made on the host
@@ -94,9 +99,12 @@ class RowTable:
             x=image(), x0=image(),
             ts=torch.full((n, self.width), -1, dtype=torch.long, device=dev), i=zeros(torch.long),
             stage=zeros(torch.long), kind=torch.full((n,), -1, dtype=torch.long, device=dev), seed=zeros(torch.long),
-            cond=None if cond_dim is None else torch.zeros(n, cond_dim, device=dev), w=zeros(torch.float32),
+            cond=None if cond_dim is None else torch.zeros(n, cond_dim, device=dev),
+            uncond=None if cond_dim is None or null_cond is None else torch.zeros(n, cond_dim, device=dev),
+            w=zeros(torch.float32),
             clip=zeros(torch.long), pct=torch.ones(n, device=dev), known=image(),
             keep=torch.zeros(n, 1, *self.image_shape[1:], dtype=dtype, device=dev), extra=extra)
+        self._null = None if null_cond is None else null_cond.reshape(-1)
         self.rows: list[_Row] = []  # slot -> its row; slots [0, len(rows)) are occupied
         self._slot: dict[int, int] = {}  # handle -> slot
         self._handles = itertools.count()
@@ -131,7 +139,7 @@ class RowTable:
         s = self.state
         cut = lambda v: None if v is None else v[:b]  # noqa: E731
         return RowState(x=s.x[:b], x0=s.x0[:b], ts=s.ts[:b], i=s.i[:b], stage=s.stage[:b], kind=s.kind[:b],
-                        seed=s.seed[:b], cond=cut(s.cond), w=s.w[:b], clip=s.clip[:b], pct=s.pct[:b],
+                        seed=s.seed[:b], cond=cut(s.cond), uncond=cut(s.uncond), w=s.w[:b], clip=s.clip[:b], pct=s.pct[:b],
                         known=s.known[:b], keep=s.keep[:b], extra={k: v[:b] for k, v in s.extra.items()})
 
     def write(self, b: int, fields: Mapping[str, torch.Tensor]) -> None:
@@ -155,6 +163,8 @@ class RowTable:
             raise ValueError(f"a plan of {len(plan)} timesteps exceeds this table's limit of {self.width - 1}")
         if (req.cond is None) != (self.state.cond is None):
             raise ValueError("a conditioning vector is needed exactly when the model is conditional")
+        if req.uncond is not None and self.state.uncond is None:
+            raise ValueError("an unconditional vector (negative prompt) needs a model with a null condition")
         for name, t, shape in (("image", req.image, self.image_shape), ("mask", req.mask, (1, *self.image_shape[1:]))):
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
@@ -218,6 +228,10 @@ class RowTable:
                   "pct": host([float(p.req.percentile) for p in prepared], torch.float32)}
         if s.cond is not None:
             values["cond"] = torch.stack([p.req.cond.to(dev, s.cond.dtype) for p in prepared])
+        if s.uncond is not None:
+            null = self._null.to(dev, s.uncond.dtype)
+            values["uncond"] = torch.stack([null if p.req.uncond is None else p.req.uncond.to(dev, s.uncond.dtype)
+                                            for p in prepared])
         for name, v in values.items():
             getattr(s, name).index_copy_(0, idx, v)
         # each sampler's buffers at their reset values, with the rows' options written in
@@ -288,8 +302,7 @@ class RowTable:
         s = self.state
         i_src, i_dst = self._h2d(torch.tensor(src, dtype=torch.long)), self._h2d(torch.tensor(dst, dtype=torch.long))
         bufs = [s.x, s.x0, s.ts, s.i, s.stage, s.kind, s.seed, s.w, s.clip, s.pct, s.known, s.keep, *s.extra.values()]
-        if s.cond is not None:
-            bufs.append(s.cond)
+        bufs += [b for b in (s.cond, s.uncond) if b is not None]
         for buf in bufs:
             buf.index_copy_(0, i_dst, buf.index_select(0, i_src))
 

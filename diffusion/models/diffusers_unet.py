@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffusion.models.card import Condition, ModelCard
+from diffusion.models.card import Condition, ModelCard, PixelSpace, to_device
 
 
-class DiffusersUNet(nn.Module):
+class DiffusersUNet(PixelSpace, nn.Module):
     def __init__(self, unet: nn.Module, card: ModelCard, null_class: int | None = None):
         super().__init__()
         self.unet, self.card, self.null_class = unet, card, null_class
@@ -33,13 +33,13 @@ class DiffusersUNet(nn.Module):
     def _device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def cond_vector(self, c: Condition) -> torch.Tensor | None:
+    def encode(self, conditions: list[Condition]) -> torch.Tensor | None:
         if not self.card.class_conditional:
             return None
-        label = self.null_class if c.label is None else c.label
-        if label is None:
+        labels = [self.null_class if c.label is None else c.label for c in conditions]
+        if any(label is None for label in labels):
             raise ValueError("this class-conditional model has no null class: a request must name a class")
-        return torch.tensor([float(label)], device=self._device())
+        return to_device(torch.tensor([[float(label)] for label in labels]), self._device())
 
     def null_condition(self) -> torch.Tensor | None:
         if self.null_class is None:

@@ -5,7 +5,8 @@ The conditioning vector c (added to the time embedding inside the U-Net) is
     c = class_embed[label] + text_proj(text_encoder(prompt))
 with the extra class label ``num_classes`` and the empty prompt "" as the null (unconditional)
 condition of classifier-free guidance. It implements the model interface of
-:mod:`diffusion.models.card` (``card``, ``cond_vector``, ``null_condition``, ``token_count``).
+:mod:`diffusion.models.card` (``card``, ``encode``, ``null_condition``, ``token_count``; it denoises
+pixels, so its sample-space hooks are identities).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffusion.models.card import Condition, ModelCard, conditioning_name
+from diffusion.models.card import Condition, ModelCard, PixelSpace, conditioning_name, to_device
 from diffusion.models.text import TextEncoder, TextEncoderConfig
 from diffusion.models.unet import UNet, UNetConfig, unet_preset
 from diffusion.prediction import PREDICTION_TYPES
@@ -94,7 +95,7 @@ def model_config(size: str, image_shape: tuple[int, int, int], *, num_classes: i
     return cfg
 
 
-class DiffusionModel(nn.Module):
+class DiffusionModel(PixelSpace, nn.Module):
     """forward(x, t, cond) -> raw network output; ``cond`` is the vector from :meth:`condition`."""
 
     def __init__(self, cfg: ModelConfig):
@@ -116,10 +117,11 @@ class DiffusionModel(nn.Module):
         return self.cfg.num_classes
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Pooled text embeddings [B, D] (text models only)."""
+        """Pooled text embeddings [B, D] (text models only); the token ids reach the device without
+        blocking the host."""
         if self.text_encoder is None:
             raise ValueError("this model is not text-conditional")
-        return self.text_encoder.encode(prompts, device=self.unet.stem.weight.device)
+        return self.text_encoder(to_device(self.text_encoder.tokenize(prompts), self.unet.stem.weight.device))
 
     def condition(self, labels: torch.Tensor | None = None, text_emb: torch.Tensor | None = None,
                   batch: int | None = None) -> torch.Tensor | None:
@@ -163,14 +165,20 @@ class DiffusionModel(nn.Module):
             raise ValueError("this model is not text-conditional")
         return self.text_encoder.token_count(prompt)
 
-    def cond_vector(self, c: Condition) -> torch.Tensor | None:
-        """The conditioning vector [emb_dim] of one resolved condition (None: unconditional model)."""
+    def encode(self, conditions: list[Condition]) -> torch.Tensor | None:
+        """The conditioning vectors [N, emb_dim] of resolved conditions, in one batch: one text-encoder
+        pass for all their prompts (a missing label or prompt takes its null value). None for an
+        unconditional model."""
         if self.class_embed is None and self.text_proj is None:
             return None
-        device = self.unet.stem.weight.device
-        labels = torch.tensor([c.label], device=device) if c.label is not None else None
-        text = self.encode_prompts([c.prompt]) if (c.prompt is not None and self.text_encoder is not None) else None
-        return self.condition(labels=labels, text_emb=text, batch=1)[0]
+        device, n = self.unet.stem.weight.device, len(conditions)
+        labels = text = None
+        if self.class_embed is not None:
+            labels = to_device(torch.tensor([self.null_label if c.label is None else c.label for c in conditions]),
+                               device)
+        if self.text_encoder is not None:
+            text = self.encode_prompts(["" if c.prompt is None else c.prompt for c in conditions])
+        return self.condition(labels=labels, text_emb=text, batch=n)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.unet(x, t, cond)

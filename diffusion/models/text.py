@@ -92,10 +92,10 @@ class TextEncoder(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     def encode(self, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+        from diffusion.models.card import to_device
+
         tokens = self.tokenize(prompts)
-        if device is not None:
-            tokens = tokens.to(device)
-        return self(tokens)
+        return self(tokens if device is None else to_device(tokens, device))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights that belong in our checkpoint (none for a frozen pretrained encoder)."""

@@ -40,6 +40,7 @@ class RowState:
     seed: torch.Tensor  # [B] long: keys the row's noise (diffusion.noise)
     # Guidance, per row (see diffusion.guidance): conditioning vector, rate w, x̂0 clipping.
     cond: torch.Tensor | None  # [B, D] or None for an unconditional ε-model
+    uncond: torch.Tensor | None  # [B, D]: the unconditional half's vector (null condition or negative prompt)
     w: torch.Tensor  # [B] float guidance rate (0: conditional only)
     clip: torch.Tensor  # [B] long: 0 none, 1 static [-1, 1], 2 dynamic (Imagen)
     pct: torch.Tensor  # [B] float: dynamic thresholding percentile
