@@ -10,7 +10,7 @@
 Imports only third-party packages: never ``training`` or ``service``.
 """
 
-from diffusion.checkpoint import CheckpointError, read_checkpoint, save
+from diffusion.checkpoint import CheckpointError, UnsupportedModel, read_checkpoint, save
 from diffusion.loading import load_model
 from diffusion.models.card import Condition, ConditionError, Model, ModelCard
 from diffusion.models.model import DiffusionModel, ModelConfig, count_parameters, model_config
@@ -27,4 +27,5 @@ __all__ = [
     "ModelCard", "ModelConfig",
     "Pipeline", "RowRequest", "Runner", "Schedule", "TextEncoderConfig", "count_parameters", "get_sampler", "load",
     "load_model", "make_schedule", "model_config", "read_checkpoint", "sample", "sampling_timesteps", "save",
+    "UnsupportedModel",
 ]

@@ -36,6 +36,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the reason."""
 
 
+class UnsupportedModel(CheckpointError):
+    """A well-formed model of a kind this project does not serve (a ControlNet pipeline, a 9-channel
+    inpainting UNet, a Flux transformer, …): a service skips it with the reason logged."""
+
+
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):

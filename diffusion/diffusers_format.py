@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.checkpoint import CheckpointError
+from diffusion.checkpoint import CheckpointError, UnsupportedModel
 from diffusion.guidance import CLIP_MODES
 from diffusion.models.card import ModelCard
 from diffusion.schedules import Schedule
@@ -128,21 +128,27 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
-def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """The network's tensors and the file they came from (safetensors first; module docstring)."""
-    for name in (f"{WEIGHTS}.safetensors", f"{WEIGHTS}.fp16.safetensors"):
+def read_weights(folder: Path, stem: str = WEIGHTS, pickled_ok: bool = True) -> tuple[dict[str, torch.Tensor], Path]:
+    """The network's tensors and the file they came from (safetensors first, its fp16 variant when it is
+    the only one; module docstring). ``pickled_ok=False``: safetensors only."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
         if (folder / name).is_file():
             return _read_safetensors(folder / name), folder / name
-    index = folder / f"{WEIGHTS}.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(_json(index, "sharded weights").get("weight_map", {}).values()))
-        if not shards:
-            raise CheckpointError(f"{index}: no weight_map")
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(_read_safetensors(folder / shard))
-        return tensors, index
-    pickled = folder / f"{WEIGHTS}.bin"
+    for name in (f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors.index.json"):
+        index = folder / name
+        if index.is_file():
+            shards = sorted(set(_json(index, "sharded weights").get("weight_map", {}).values()))
+            if not shards:
+                raise CheckpointError(f"{index}: no weight_map")
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                tensors.update(_read_safetensors(folder / shard))
+            return tensors, index
+    pickled = folder / f"{stem}.bin"
+    if pickled.is_file() and not pickled_ok:
+        raise CheckpointError(f"{pickled}: only safetensors weights are served for this model (never unpickled); "
+                              "convert it, e.g. with diffusers' save_pretrained(folder, safe_serialization=True) "
+                              "in a trusted environment")
     if pickled.is_file():
         try:
             sd = torch.load(str(pickled), map_location="cpu", weights_only=True)
@@ -154,7 +160,7 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise CheckpointError(f"{pickled}: expected a state dict of tensors")
         return sd, pickled
-    raise CheckpointError(f"{folder}: no {WEIGHTS}.safetensors (nor .bin) weights file")
+    raise CheckpointError(f"{folder}: no {stem}.safetensors{'' if not pickled_ok else ' (nor .bin)'} weights file")
 
 
 _DEPRECATED_ATTENTION = ((".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."),
@@ -172,6 +178,30 @@ def _renamed(key: str, expected: dict) -> str:
     return key
 
 
+def load_module(folder: Path, cls, cfg: dict, pickled_ok: bool = True, dtype: torch.dtype = torch.float32):
+    """A diffusers network of class ``cls`` with config ``cfg`` and the weights in ``folder``, built
+    on the meta device and given the file's tensors (no random initialisation), every tensor checked
+    against the config; (module, the weights file)."""
+    try:
+        with torch.device("meta"):
+            module = cls.from_config(cfg)
+    except Exception as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not a valid {cls.__name__} config: {e}") from e
+    expected = module.state_dict()
+    tensors, source = read_weights(folder, pickled_ok=pickled_ok)
+    tensors = {_renamed(k, expected): v for k, v in tensors.items()}
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{source}: weights do not match {folder / 'config.json'}: missing {missing[:5]}"
+                              f"{'…' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'…' if len(extra) > 5 else ''}")
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the config needs "
+                                  f"{tuple(expected[k].shape)}")
+    module.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True, assign=True)
+    return module, source
+
+
 def _load_unet(unet_dir: Path, where: Path):
     try:
         from diffusers import UNet2DModel
@@ -187,23 +217,7 @@ def _load_unet(unet_dir: Path, where: Path):
     if cfg.get("class_embed_type") is not None:
         raise CheckpointError(f"{unet_dir / 'config.json'}: class_embed_type {cfg.get('class_embed_type')!r} is not "
                               "served (class-conditional models with num_class_embeds are)")
-    try:
-        with torch.device("meta"):
-            unet = UNet2DModel.from_config(cfg)
-    except Exception as e:
-        raise CheckpointError(f"{unet_dir / 'config.json'}: not a valid UNet2DModel config: {e}") from e
-    expected = unet.state_dict()
-    tensors, source = read_weights(unet_dir)
-    tensors = {_renamed(k, expected): v for k, v in tensors.items()}
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{source}: weights do not match {unet_dir / 'config.json'}: missing {missing[:5]}"
-                              f"{'…' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'…' if len(extra) > 5 else ''}")
-    for k, v in tensors.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the config needs "
-                                  f"{tuple(expected[k].shape)}")
-    unet.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True, assign=True)
+    unet, source = load_module(unet_dir, UNet2DModel, cfg)
     return unet, cfg, source
 
 
@@ -213,9 +227,9 @@ def _layout(folder: Path) -> tuple[Path, Path, str, dict]:
     if (folder / "model_index.json").is_file():
         index = _json(folder / "model_index.json", "the pipeline index")
         latent = sorted(k for k in ("vae", "vqvae", "text_encoder", "transformer") if index.get(k))
-        if latent:
-            raise CheckpointError(f"{folder}: a {index.get('_class_name', 'pipeline')} with {', '.join(latent)}: only "
-                                  "pixel-space pipelines of a UNet2DModel and a scheduler are served")
+        if latent:  # Stable Diffusion-family folders are read by diffusion.sd_format
+            raise UnsupportedModel(f"{folder}: a {index.get('_class_name', 'pipeline')} with {', '.join(latent)}: "
+                                   "not a pixel-space pipeline of a UNet2DModel and a scheduler")
         if "unet" not in index:
             raise CheckpointError(f"{folder / 'model_index.json'}: the pipeline has no unet")
         return (folder / "unet", folder / "scheduler" / "scheduler_config.json", "diffusers pipeline folder",
