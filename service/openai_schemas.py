@@ -21,8 +21,9 @@ class ImageGenerationRequest(Sampling):
                         "an unconditional model takes the empty prompt.")
     model: str | None = Field(None, description="A model id from GET /v1/models; default: the service's default.")
     n: int | None = Field(None, strict=True, ge=1, description="Images, 1 … the service's max_images. Default 1.")
-    size: str | None = Field(None, description="`auto` or the model's own `WIDTHxHEIGHT` (each model makes one "
-                             "size; another is a 400 naming it).")
+    size: str | None = Field(None, description="`auto` or the model's own `WIDTHxHEIGHT`; a resizable (latent) "
+                             "model makes any `WIDTHxHEIGHT` in multiples of 8 up to the service's max_size; another "
+                             "is a 400 naming it.")
     response_format: Literal["b64_json", "url"] | None = Field(None, description="`b64_json` only: this service "
                                                                 "returns images inline, never as URLs.")
     stream: bool | None = Field(None, strict=True, description="Server-Sent Events: "
@@ -40,7 +41,8 @@ class ImageEditRequest(Sampling, Editing):
     model: str | None = None
     n: int | None = Field(None, strict=True, ge=1)
     size: str | None = Field(None, description="`auto` or the model's own `WIDTHxHEIGHT`; the image is converted "
-                             "to it (centre-cropped, resized).")
+                             "to it (centre-cropped, resized). A resizable (latent) model edits at the image's own "
+                             "size, and a `size` given must be that size.")
     response_format: Literal["b64_json", "url"] | None = None
     stream: bool | None = Field(None, strict=True, description="Server-Sent Events: `image_edit.partial_image`, "
                                 "then `image_edit.completed` per image.")
@@ -113,8 +115,14 @@ class OpenAIModel(BaseModel):
     created: int = Field(description="When the checkpoint was saved (Unix time; 0 when it does not say).")
     owned_by: str = "diffusion-serve"
     # this service's own fields (the openai client keeps them as extra attributes)
-    size: str = Field(description="The one WIDTHxHEIGHT this model makes.")
-    image_shape: list[int] = Field(description="[channels, height, width].")
+    size: str = Field(description="The model's native WIDTHxHEIGHT.")
+    image_shape: list[int] = Field(description="[channels, height, width] at the native size.")
+    sample_shape: list[int] = Field(description="[channels, height, width] of what is denoised: the image, or latents.")
+    resizable: bool = Field(description="Makes other sizes (`size`: multiples of 8 up to the service's max_size).")
+    text_encoders: list[str]
+    default_scheduler: str
+    default_steps: int
+    default_guidance_scale: float = Field(description="diffusers' convention, w + 1.")
     conditioning: str = Field(description="class, text, class+text or none.")
     parameters: int
     source: str = Field(description="diffusion-serve checkpoint, diffusers pipeline folder or diffusers model folder.")

@@ -1,6 +1,10 @@
 """The models the service serves: every model directly in one directory, loaded onto one device:
 this project's ``*.safetensors`` checkpoints (named by file stem) and diffusers pipeline or model
-folders (named by folder; see :mod:`diffusion.diffusers_format`). Other files and folders are ignored."""
+folders (named by folder; pixel-space: :mod:`diffusion.diffusers_format`, Stable Diffusion family:
+:mod:`diffusion.sd_format`). Other files and folders are ignored; a well-formed folder of a kind that
+is not served (a ControlNet or Flux pipeline, an inpainting UNet: :class:`diffusion.UnsupportedModel`)
+is skipped with a logged warning, while a broken file (truncated, mismatched) stops the start-up,
+naming it."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 import torch
 
 import diffusion
-from diffusion import Pipeline
+from diffusion import Pipeline, UnsupportedModel
 from diffusion.loading import is_model
 
 log = logging.getLogger("service.registry")
@@ -62,13 +66,21 @@ class ModelRegistry:
         self.pipelines, self.default = pipelines, default
 
     @classmethod
-    def load(cls, directory: Path, device: torch.device, default: str | None = None) -> "ModelRegistry":
+    def load(cls, directory: Path, device: torch.device, default: str | None = None,
+             condition_cache_bytes: int = 256 * 2**20) -> "ModelRegistry":
         pipelines = {}
         for path in find_checkpoints(directory):
-            pipe = diffusion.load(str(path), device)  # CheckpointError names the bad file
+            try:
+                pipe = diffusion.load(str(path), device, condition_cache_bytes=condition_cache_bytes)
+            except UnsupportedModel as e:  # a kind of model this service does not serve: skipped, said why
+                log.warning("skipping %s: %s", path, e)
+                continue
+            # any other CheckpointError (a truncated or mismatched file) names the file and stops the start
             pipelines[pipe.name] = pipe
             log.info("loaded model %s (%s, %s, %s, %d parameters) on %s", pipe.name, pipe.card.source,
                      pipe.card.conditioning, "x".join(map(str, pipe.card.image_shape)), pipe.card.parameters, device)
+        if not pipelines:
+            raise NoCheckpoints(f"no model in {Path(directory).resolve()} can be served (see the warnings above)")
         if default is None:
             default = PREFERRED_DEFAULT if PREFERRED_DEFAULT in pipelines else next(iter(pipelines))
         return cls(pipelines, default)

@@ -22,12 +22,23 @@ class Sampling(BaseModel):
     """How to sample: the fields the native API and the OpenAI-compatible one share."""
     model_config = ConfigDict(extra="forbid")
 
-    scheduler: SchedulerName = Field("ddim", description="Sampler.")
+    scheduler: SchedulerName | None = Field(None, description="Sampler; default: the model's (ddim for this "
+                                            "project's and pixel diffusers models, dpmpp_2m for Stable Diffusion).")
     steps: int | None = Field(None, strict=True, ge=1, description="Denoising steps, 1 … the model's T "
                               "(and the service's limit); default: the model's.")
     guidance: float | None = Field(None, strict=True, ge=0, allow_inf_nan=False,
                                    description="Classifier-free guidance rate w ≥ 0 (at most the service's "
-                                   "max_guidance); default: the model's.")
+                                   "max_guidance), ε̄ = (1 + w)·ε(c) − w·ε(∅); default: the model's.")
+    guidance_scale: float | None = Field(None, strict=True, ge=1, allow_inf_nan=False,
+                                         description="diffusers' convention instead of guidance: s = w + 1 "
+                                         "(7.5 is w = 6.5); give one of the two.")
+    negative_prompt: str | None = Field(None, description="Text models: what to guide away from; its encoding "
+                                        "replaces the null condition of classifier-free guidance.")
+    width: int | None = Field(None, strict=True, ge=1, description="Image width in pixels; default: the model's "
+                              "own. Resizable (latent) models: a multiple of 8 up to the service's max_size.")
+    height: int | None = Field(None, strict=True, ge=1, description="Image height in pixels (as width).")
+    preview_decode: bool = Field(False, strict=True, description="Streamed previews decoded in full by a latent "
+                                 "model's VAE (slower) instead of its cheap latent→RGB map.")
     eta: float | None = Field(None, strict=True, ge=0, allow_inf_nan=False,
                               description="DDIM only: 0 deterministic, 1 ancestral. Default 0.")
     seed: int | None = Field(None, strict=True, ge=0, le=MAX_SEED, description="Image k uses seed + k; "
@@ -57,6 +68,8 @@ class Editing(BaseModel):
 class GenerateRequest(Sampling, Editing):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"prompt": "nine", "scheduler": "ddim", "steps": 50, "seed": 0},
+                     {"model": "sd15", "prompt": "a lighthouse at dusk", "negative_prompt": "blurry",
+                      "guidance_scale": 7.5, "width": 768, "height": 512},
                      {"class_label": 7, "scheduler": "dpmpp_2m", "steps": 20, "guidance": 3.0, "num_images": 4},
                      {"prompt": "nine", "steps": 20, "stream": True, "preview_every": 5},
                      {"prompt": "nine", "image": "data:image/png;base64,…", "strength": 0.6}]})
@@ -97,6 +110,9 @@ class GenerateResponse(BaseModel):
     scheduler: str
     steps: int
     guidance: float
+    guidance_scale: float = Field(description="The same guidance in diffusers' convention, w + 1.")
+    width: int
+    height: int
     evaluations: int = Field(description="Model evaluations per image (an edit runs only its share of the plan).")
     strength: float | None = Field(None, description="Edits: the strength used.")
     timings: Timings
@@ -109,8 +125,14 @@ class ModelInfo(BaseModel):
     conditioning: str = Field(description="class, text, class+text or none.")
     guidance: bool = Field(description="Classifier-free guidance possible (the model has a null condition).")
     class_names: list[str]
-    image_shape: list[int] = Field(description="[channels, height, width].")
-    size: str = Field(description="WIDTHxHEIGHT (the OpenAI endpoints' size).")
+    image_shape: list[int] = Field(description="[channels, height, width] of its images at the native size.")
+    sample_shape: list[int] = Field(description="[channels, height, width] of what the engine denoises at the "
+                                    "native size: the image itself, or a latent model's latents.")
+    size: str = Field(description="WIDTHxHEIGHT (the OpenAI endpoints' size), the native one.")
+    sizes: str = Field(description="Other sizes: 'native only', or the rule ('multiples of 8 up to 1536').")
+    text_encoders: list[str] = Field(description="Text models: what encodes a prompt.")
+    negative_prompt: bool = Field(description="Takes a negative prompt.")
+    default_scheduler: str
     parameters: int = Field(description="Parameters of the network (and its conditioning).")
     architecture: str
     source: str = Field(description="The format it was loaded from: diffusion-serve checkpoint, diffusers "
@@ -120,6 +142,7 @@ class ModelInfo(BaseModel):
     prediction: str
     default_steps: int
     default_guidance: float
+    default_guidance_scale: float = Field(description="default_guidance in diffusers' convention (w + 1).")
     default_clip: str
     max_prompt_tokens: int | None = Field(description="Text models: the longest prompt, in tokens.")
     schedulers: list[str]

@@ -61,6 +61,13 @@ class Settings(BaseSettings):
                                   "checked before decoding")
     max_guidance: float = Field(30.0, ge=0, allow_inf_nan=False, description="classifier-free guidance rate w "
                                 "per request, at most")
+    max_size: int = Field(1536, ge=8, description="width and height of a resizable (latent) model's images, at "
+                          "most, in pixels")
+    decode_chunk_pixels: int = Field(2 * 1024 * 1024, ge=1, description="image pixels a latent model's VAE decodes "
+                                     "at once (at least one image): bounds the decoder's memory and how long one "
+                                     "decode holds back the other rows' next step")
+    condition_cache_mb: float = Field(256.0, ge=0, description="encoded prompts kept per model, in MiB (an SD 1.5 "
+                                      "prompt is 0.24 MB in float32, an SDXL one 0.64 MB)")
     min_preview_every: int = Field(2, ge=1, description="streamed previews are at least this many model "
                                    "evaluations apart (a smaller preview_every is refused)")
     preview_buffer: int = Field(2, ge=1, description="previews waiting for a slow streaming client; a newer "

@@ -36,12 +36,14 @@ log = logging.getLogger("service")
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     device = resolve_device(settings.device)
-    registry = await asyncio.to_thread(ModelRegistry.load, settings.checkpoint_dir, device, settings.default_model)
+    registry = await asyncio.to_thread(ModelRegistry.load, settings.checkpoint_dir, device, settings.default_model,
+                                       int(settings.condition_cache_mb * 2**20))
     metrics: Metrics = app.state.metrics
     accel = settings.acceleration(device.type)
     engine = Engine(registry.pipelines, max_rows=settings.max_batch_rows, max_queue=settings.max_queue,
                     observer=metrics, max_steps=settings.max_steps, accel=accel, policy=settings.policy(),
-                    latency_rows=settings.latency_rows, cpu_threads=settings.cpu_threads)
+                    latency_rows=settings.latency_rows, cpu_threads=settings.cpu_threads,
+                    decode_pixels=settings.decode_chunk_pixels)
     if accel.padded:  # compile and capture before /readyz turns ready
         started = time.monotonic()
         await asyncio.to_thread(engine.warm_up)

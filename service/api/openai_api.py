@@ -71,11 +71,21 @@ def native(req: ImageGenerationRequest | ImageEditRequest | ImageVariationReques
     partial = getattr(req, "partial_images", None)
     if stream and partial:
         fields["preview_at"] = [j / (partial + 1) for j in range(1, partial + 1)]
-    body = GenerateRequest.model_validate(fields)
     size = image_size(card.image_shape)
     if req.size not in (None, "auto", size):
-        raise invalid("size", f"Invalid value for 'size': '{req.size}'. Model '{name}' makes {size} images only "
-                      f"(or use 'auto').")
+        if not card.resizable:
+            raise invalid("size", f"Invalid value for 'size': '{req.size}'. Model '{name}' makes {size} images only "
+                          f"(or use 'auto').")
+        w, sep, h = str(req.size).partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise invalid("size", f"Invalid value for 'size': '{req.size}'. Use WIDTHxHEIGHT (e.g. {size}) or 'auto'.")
+        if "width" in fields or "height" in fields:
+            raise invalid("size", "Give size or width/height, not both.")
+        fields.update(width=int(w), height=int(h))
+        size = f"{int(w)}x{int(h)}"
+    elif "width" in fields or "height" in fields:
+        size = f"{fields.get('width', card.image_shape[2])}x{fields.get('height', card.image_shape[1])}"
+    body = GenerateRequest.model_validate(fields)
     return body, size
 
 
@@ -98,7 +108,7 @@ async def _serve(req, request: Request, settings: Settings, registry: ModelRegis
     answer as JSON or as a stream of the protocol's events."""
     info = request.state.log
     model = registry.default if req.model is None else req.model if req.model in registry else "unknown"
-    info.update(model=model, scheduler=req.scheduler, images=req.n or 1, api="openai", kind=protocol.kind)
+    info.update(model=model, scheduler=req.scheduler or "unknown", images=req.n or 1, api="openai", kind=protocol.kind)
     if settings.log_prompts:
         info.update(prompt=req.prompt)
     body, size = native(req, registry)
@@ -109,7 +119,9 @@ async def _serve(req, request: Request, settings: Settings, registry: ModelRegis
         field, message, _ = e.errors[0]
         field = {"num_images": "n", "preview_at": "partial_images"}.get(field, field)
         raise invalid(field, f"Invalid value for '{field}': {message}.") from None
-    info["steps"] = spec.steps
+    info.update(steps=spec.steps, scheduler=spec.scheduler)
+    if spec.size is not None:
+        size = f"{spec.size[1]}x{spec.size[0]}"
     if body.stream:
         buffer = EventBuffer(asyncio.get_running_loop(), settings.preview_buffer, previews)
         job = submit(engine, spec, settings, buffer.listener)
@@ -241,4 +253,7 @@ def _model(name: str, registry: ModelRegistry) -> OpenAIModel:
         created = 0
     card = pipe.card
     return OpenAIModel(id=name, created=created, size=image_size(card.image_shape), image_shape=list(card.image_shape),
+                       sample_shape=list(card.sample_shape), resizable=card.resizable,
+                       text_encoders=list(card.text_encoders), default_scheduler=card.default_scheduler,
+                       default_steps=card.default_steps, default_guidance_scale=card.default_guidance + 1,
                        conditioning=card.conditioning, parameters=card.parameters, source=card.source)

@@ -53,7 +53,7 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     image-to-image and inpainting); see the request schema for every field."""
     start = time.perf_counter()
     info = request.state.log
-    info.update(model=body.model or registry.default, scheduler=body.scheduler, images=body.num_images,
+    info.update(model=body.model or registry.default, scheduler=body.scheduler or "unknown", images=body.num_images,
                 kind="edit" if body.image is not None else "generation")
     if settings.log_prompts:
         info.update(prompt=body.prompt, class_label=body.class_label)
@@ -68,7 +68,7 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     except TooLarge as e:
         raise HTTPException(413, [{"field": e.field, "msg": str(e), "type": "too_large", "loc": ["body", e.field]}]) \
             from None
-    info["steps"] = spec.steps
+    info.update(steps=spec.steps, scheduler=spec.scheduler)
     if stream:
         buffer = EventBuffer(asyncio.get_running_loop(), settings.preview_buffer, previews)
         job = submit(engine, spec, settings, buffer.listener)
@@ -87,7 +87,8 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
         png = await run_in_threadpool(render.grid_png, result.images)
         return Response(png, media_type="image/png", headers={
             "X-Seeds": ",".join(map(str, spec.seeds)), "X-Model": spec.model, "X-Scheduler": spec.scheduler,
-            "X-Steps": str(spec.steps), "X-Guidance": f"{spec.guidance:g}", "X-Evaluations": str(job.work)})
+            "X-Steps": str(spec.steps), "X-Guidance": f"{spec.guidance:g}", "X-Evaluations": str(job.work),
+            "X-Size": f"{result.images.shape[-1]}x{result.images.shape[-2]}"})
     return await answer(job, result, request, start)
 
 
@@ -96,7 +97,8 @@ async def answer(job: Job, result: GenerationResult, request: Request, start: fl
     images = await run_in_threadpool(render.b64_pngs, result.images)
     return GenerateResponse(
         images=images, seeds=list(spec.seeds), model=spec.model, scheduler=spec.scheduler, steps=spec.steps,
-        guidance=spec.guidance, evaluations=job.work, strength=spec.strength if spec.image is not None else None,
+        guidance=spec.guidance, guidance_scale=spec.guidance + 1, width=int(result.images.shape[-1]),
+        height=int(result.images.shape[-2]), evaluations=job.work, strength=spec.strength if spec.image is not None else None,
         request_id=request.state.request_id,
         timings=Timings(queued_s=result.queued_s, generating_s=result.generating_s,
                         total_s=time.perf_counter() - start))
@@ -136,10 +138,11 @@ def field_errors(e: FieldErrors) -> HTTPException:
 
 
 @router.get("/models", response_model=ModelList, dependencies=[Depends(require_key)], responses=ERRORS)
-async def models(registry: RegistryDep) -> ModelList:
-    """Every model served: conditioning, class names, image shape, schedule, defaults, schedulers."""
+async def models(registry: RegistryDep, settings: SettingsDep) -> ModelList:
+    """Every model served: conditioning, class names, image and sample shapes, sizes, text encoders,
+    schedule, defaults, schedulers."""
     return ModelList(default=registry.default,
-                     models=[describe(n, p, n == registry.default) for n, p in registry.pipelines.items()])
+                     models=[describe(n, p, n == registry.default, settings) for n, p in registry.pipelines.items()])
 
 
 @router.get("/healthz")

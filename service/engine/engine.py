@@ -4,11 +4,18 @@ The worker loops *schedule → execute → update*:
 
 1. schedule: the pure :func:`service.engine.scheduler.plan` picks the waiting requests that join
    now and the requests to drop (caller gone, deadline passed);
-2. execute: for each model with rows in flight, ONE forward pass over all of them
-   (:meth:`ModelBatch.step`), launched without waiting for the device;
+2. execute: the conditions (prompts, negative prompts) of the requests that join are encoded, one
+   batch per model (:meth:`diffusion.Pipeline.encode_conditions`); then for each model and image
+   size with rows in flight, ONE forward pass over all of them (:meth:`ModelBatch.step`), launched
+   without waiting for the device;
 3. update: finished rows leave at once (the host counts evaluations, it never reads the device to
-   learn it); their images travel to the host in the background, and a request whose last image
-   has landed is answered.
+   learn it) and wait for their decode; at most one chunk of them is decoded per model per
+   iteration while other rows are in flight (:mod:`service.engine.decode`); their images travel to
+   the host in the background, and a request whose last image has landed is answered.
+
+Rows of another size than a model's native one run in a batch of their own (created when a request
+for that size is admitted, gone once it is idle), side by side with the model's other batches;
+acceleration (compilation, CUDA graphs) applies to the native size's batch.
 
 Callers (the HTTP layer) only :meth:`Engine.submit` a :class:`GenerationSpec` and wait on the
 returned job's future; :meth:`Job.cancel` makes the engine drop its rows at the next iteration.
@@ -58,10 +65,15 @@ class Engine:
     def __init__(self, models: Mapping[str, Model], *, max_rows: int = 64, max_queue: int = 256,
                  observer: Observer | None = None, clock=time.monotonic, max_steps: int | None = None,
                  accel: Acceleration = Acceleration(), policy: Policy = Policy(), latency_rows: int = 0,
-                 cpu_threads: str | None = None):
+                 cpu_threads: str | None = None, decode_pixels: int = 2 * 1024 * 1024):
         """``cpu_threads`` ("auto" or a number): the intra-op threads of iterations on the CPU
-        (:mod:`service.engine.threads`); None leaves PyTorch's count alone."""
-        self.batches = {name: ModelBatch(m, max_rows, max_steps, accel, _threads(m, cpu_threads))
+        (:mod:`service.engine.threads`); None leaves PyTorch's count alone. ``decode_pixels``: image
+        pixels per decode chunk."""
+        self.models = dict(models)
+        self._cpu_threads, self._max_steps, self.decode_pixels = cpu_threads, max_steps, decode_pixels
+        # batch key (the model's name, or name@WxH for another size) -> its rows
+        self.batches = {name: ModelBatch(m, max_rows, max_steps, accel, _threads(m, cpu_threads, m.card.sample_shape),
+                                         decode_pixels=decode_pixels)
                         for name, m in models.items()}
         self._retired: list[tuple[str, Retired]] = []  # finished rows whose images are on their way
         self.max_rows, self.max_queue = max_rows, max_queue
@@ -81,18 +93,19 @@ class Engine:
     def submit(self, spec: GenerationSpec, timeout_s: float, listener=None) -> Job:
         """Queue a request; raises QueueFull, EngineClosed, or KeyError for an unknown model.
         ``listener`` (see :attr:`Job.listener`) receives its progress and previews."""
-        if spec.model not in self.batches:
+        if spec.model not in self.models:
             raise KeyError(spec.model)
         if spec.num_images > self.max_rows:
             raise ValueError(f"{spec.num_images} images exceed the {self.max_rows} rows of a forward pass")
         work = self.batches[spec.model].evaluations(spec)
+        key = batch_key(spec, self.models[spec.model].card.sample_shape)
         with self._cv:
             if self._closed:
                 raise EngineClosed("the service is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(len(self._waiting), self.retry_after_s())
             job = Job(spec, deadline=self.clock() + timeout_s, work=work, submitted_at=self.clock(),
-                      listener=listener)
+                      listener=listener, batch=key)
             self._waiting.append(job)
             self._cv.notify_all()
         return job
@@ -139,7 +152,7 @@ class Engine:
             batch.warm_up()
 
     def _idle(self) -> bool:
-        return not self._waiting and self.rows_in_flight == 0 and not self._retired
+        return not self._waiting and not any(b.busy for b in self.batches.values()) and not self._retired
 
     def _loop(self) -> None:
         while True:
@@ -171,38 +184,84 @@ class Engine:
         if dropped:
             for b in self.batches.values():
                 b.drop(dropped)
-        for key in decision.admit:
-            self._admit(waiting[key])
+        admitted = [waiting[key] for key in decision.admit]
+        self._encode(admitted)
+        for job in admitted:
+            self._admit(job)
         total = 0
         for name, batch in self.batches.items():
             if batch.rows:
                 total += self._step(name, batch)
+        for batch in self.batches.values():
+            if batch.decoding:
+                self._decode(batch)
         self._collect(block=self.rows_in_flight == 0)
+        self._prune()
         self.iterations += 1
         return total
 
+    def _encode(self, jobs: list[Job]) -> None:
+        """The conditions of the requests that join now, encoded in one batch per model (those
+        already cached cost nothing). A failure fails that model's joining requests alone."""
+        by_model: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_model.setdefault(job.spec.model, []).append(job)
+        for name, group in by_model.items():
+            try:
+                self.models[name].encode_conditions([c for job in group for c in job.spec.conditions()])
+            except Exception as e:
+                log.exception("encoding the conditions of model %s failed", name)
+                for job in group:
+                    job.finish(error=GenerationFailed(f"could not encode the prompt: {type(e).__name__}"))
+
+    def _batch(self, job: Job) -> ModelBatch:
+        """The batch of the job's model and size (created for a size not seen yet)."""
+        batch = self.batches.get(job.batch)
+        if batch is None:
+            model = self.models[job.spec.model]
+            batch = self.batches[job.batch] = ModelBatch(
+                model, self.max_rows, self._max_steps, threads=_threads(model, self._cpu_threads, job.spec.shape),
+                shape=job.spec.shape, decode_pixels=self.decode_pixels)
+        return batch
+
     def _admit(self, job: Job) -> None:
+        if job.future.done():  # its conditions could not be encoded
+            return
         job.admitted_at = self.clock()
         self.observer.queue_wait(job.spec.model, job.admitted_at - job.submitted_at)
         try:
-            self.batches[job.spec.model].admit(job, urgent=self.policy.short(_ticket(job, job.admitted_at)))
+            self._batch(job).admit(job, urgent=self.policy.short(_ticket(job, job.admitted_at)))
         except Exception as e:  # a request the model cannot run fails alone
             log.exception("admitting job %s failed", job.id)
             job.finish(error=GenerationFailed(f"could not start generation: {e}"))
+
+    def _decode(self, batch: ModelBatch) -> None:
+        """One chunk of the batch's finished rows decoded (all of them when it has no rows in flight)."""
+        try:
+            self._retired += [(batch.model.name, r) for r in batch.decode(everything=batch.rows == 0)]
+        except Exception as e:
+            log.exception("decoding for model %s failed", batch.model.name)
+            for job in batch.decoding.clear():
+                job.finish(error=GenerationFailed(f"decoding failed: {type(e).__name__}"))
+
+    def _prune(self) -> None:
+        """Batches of another size than the native one go once they are idle."""
+        for key in [k for k, b in self.batches.items() if k not in self.models and not b.busy]:
+            del self.batches[key]
 
     def _step(self, name: str, batch: ModelBatch) -> int:
         try:
             rows, finished, timings = batch.step(self.latency_rows or None)
             self._report(name, batch)
             if finished:
-                self._retired.append((name, batch.retire(finished)))
+                batch.retire(finished)
         except Exception as e:
             log.exception("forward pass of model %s failed; failing its %d rows", name, batch.rows)
             for job in batch.clear():
                 job.finish(error=GenerationFailed(f"generation failed: {type(e).__name__}"))
             return 0
         for r, seconds in timings:
-            self.observer.forward(name, r, seconds)
+            self.observer.forward(batch.model.name, r, seconds)
         return rows
 
     def _report(self, name: str, batch: ModelBatch) -> None:
@@ -217,7 +276,9 @@ class Engine:
             _tell(job, Progress(done, total, now - job.admitted_at))
             every = job.spec.preview_every
             if every and done % every == 0 and done < total:
-                self._retired.append((name, batch.preview(job, done, total)))
+                retired = batch.preview(job, done, total)
+                if retired is not None:
+                    self._retired.append((name, retired))
 
     def _collect(self, block: bool) -> None:
         """Hand landed images to their requests; answer the requests that are complete. ``block``
@@ -273,13 +334,21 @@ class Engine:
             job.finish(error=EngineClosed("the service shut down before this request finished"))
 
 
-def _threads(model: Model, setting: str | None) -> CpuThreads | None:
+def batch_key(spec: GenerationSpec, native: tuple[int, ...]) -> str:
+    """The engine batch of a request: its model's, or for another size, ``name@WxH``."""
+    if spec.shape is None or tuple(spec.shape) == tuple(native) or spec.size is None:
+        return spec.model
+    return f"{spec.model}@{spec.size[1]}x{spec.size[0]}"
+
+
+def _threads(model: Model, setting: str | None, shape) -> CpuThreads | None:
     if setting is None or torch.device(model.device).type != "cpu":
         return None
     card = model.card
     cond = None if card.cond_dim is None else torch.zeros(1, card.cond_dim, device=model.device)
+    shape = tuple(shape or card.sample_shape)
     # counted on the engine's thread, at its first iteration: no OpenMP pool on the caller's thread
-    return CpuThreads(setting, lambda: flops_per_row(model.net, card.image_shape, cond, torch.device(model.device)),
+    return CpuThreads(setting, lambda: flops_per_row(model.net, shape, cond, torch.device(model.device)),
                       name=model.name)
 
 
@@ -291,7 +360,7 @@ def _tell(job: Job, event) -> None:
 
 
 def _ticket(job: Job, now: float) -> Ticket:
-    return Ticket(job.id, job.spec.model, job.rows, cancelled=job.cancelled, expired=job.expired(now),
+    return Ticket(job.id, job.batch or job.spec.model, job.rows, cancelled=job.cancelled, expired=job.expired(now),
                   work=job.work, waited_s=now - job.submitted_at)
 
 

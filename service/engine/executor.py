@@ -1,14 +1,17 @@
-"""The tensor side of the engine: the rows of one model in flight, and one iteration over them.
+"""The tensor side of the engine: the rows of one model (at one image size) in flight, and one
+iteration over them.
 
 Every image in flight is a row of the model's :class:`diffusion.Runner` (fixed-capacity buffers on
 the device); beside it lies which request (and which of its images) owns each row.
 :meth:`ModelBatch.step` is ONE forward pass for every row of the model, whatever their sampler,
-step, guidance or condition, with no host synchronisation; :meth:`ModelBatch.admit`,
-:meth:`ModelBatch.drop` and :meth:`ModelBatch.retire` add and remove rows between iterations. The
-host knows which rows finish at each step (the runner counts evaluations), and a finished row's image
-travels to the host as a non-blocking copy that the engine collects once it has landed
-(:class:`Retired`). Rows never influence each other, so a request's images do not depend on what
-else is in flight.
+step, guidance, condition, negative prompt or edit, with no host synchronisation;
+:meth:`ModelBatch.admit`, :meth:`ModelBatch.drop` and :meth:`ModelBatch.retire` add and remove rows
+between iterations. The host knows which rows finish at each step (the runner counts evaluations);
+a finished row leaves the table at once and waits for its decode (:mod:`service.engine.decode`: the
+identity for a pixel model, the VAE in bounded chunks for a latent one), and its image travels to
+the host as a non-blocking copy that the engine collects once it has landed (:class:`Retired`).
+Rows never influence each other, so a request's images do not depend on what else is in flight.
+Rows of different sizes are different batches (one forward pass has one shape).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from diffusion import Acceleration, ModelCard, RowRequest, Runner
 
+from service.engine.decode import DecodeQueue, DecodeWork
 from service.engine.job import GenerationSpec, Job
 from service.engine.threads import CpuThreads
 
@@ -33,13 +37,23 @@ class Model(Protocol):
 
     def net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor: ...
 
-    def runner(self, capacity: int, max_steps: int | None = None, accel: Acceleration = Acceleration()) -> Runner: ...
+    def runner(self, capacity: int, max_steps: int | None = None, accel: Acceleration = Acceleration(),
+               shape: tuple[int, int, int] | None = None) -> Runner: ...
 
     def row_request(self, condition, seed: int, scheduler: str, steps: int | None, guidance: float | None,
                     clip: str | None, percentile: float, spacing: str | None, **kw) -> RowRequest: ...
 
     def evaluations(self, scheduler: str, steps: int | None, spacing: str | None, strength: float,
                     jump_length: int, jump_n_sample: int) -> int: ...
+
+    def encode_conditions(self, conditions) -> None: ...
+
+    def edit_inputs(self, image: torch.Tensor, mask: torch.Tensor | None) -> tuple: ...
+
+    def decode(self, samples: torch.Tensor, image: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def preview(self, x0: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -96,22 +110,34 @@ class ModelBatch:
     """All rows in flight for one model."""
 
     def __init__(self, model: Model, capacity: int, max_steps: int | None = None,
-                 accel: Acceleration = Acceleration(), threads: CpuThreads | None = None):
+                 accel: Acceleration = Acceleration(), threads: CpuThreads | None = None,
+                 shape: tuple[int, int, int] | None = None, decode_pixels: int = 2 * 1024 * 1024):
+        """``shape``: the rows' sample shape (default: the model's native one); ``decode_pixels``:
+        image pixels per decode chunk (:mod:`service.engine.decode`)."""
         self.model = model
-        self.runner = model.runner(capacity, max_steps, accel)
+        self.shape = tuple(shape or model.card.sample_shape)
+        self.runner = model.runner(capacity, max_steps, accel, shape=self.shape)
         self.owners: dict[int, tuple[Job, int]] = {}  # runner handle -> (job, image index)
         self.timer = StepTimer(torch.device(model.device))
         self.threads = threads  # None: leave the thread count alone (a GPU, or a test)
+        pixels = self.shape[1] * self.shape[2] * model.card.scale ** 2
+        self.decoding = DecodeQueue(self._decode, max(1, decode_pixels // pixels))
 
     @property
     def rows(self) -> int:
         return len(self.runner)
 
     @property
+    def busy(self) -> bool:
+        """Rows in flight or waiting for their decode."""
+        return self.rows > 0 or bool(self.decoding)
+
+    @property
     def free(self) -> int:
         return self.runner.table.free
 
     def jobs(self) -> set[Job]:
+        """The requests with rows in flight (not those whose rows only wait for their decode)."""
         return {job for job, _ in self.owners.values()}
 
     def evaluations(self, spec: GenerationSpec) -> int:
@@ -128,8 +154,13 @@ class ModelBatch:
         ``urgent`` rows are latency-sensitive: stepped first, whatever the iteration's row limit."""
         spec = job.spec
         options = {"eta": spec.eta} if spec.scheduler == "ddim" else {}
+        edit = spec.edit()
+        if spec.image is not None:  # into sample space once for all the request's rows (a latent model's VAE encoder)
+            known, mask = self.model.edit_inputs(spec.image[None], None if spec.mask is None else spec.mask[None])
+            edit.update(image=known[0], mask=None if mask is None else mask[0])
         rows = [self.model.row_request(spec.condition, seed, spec.scheduler, spec.steps, spec.guidance, spec.clip,
-                                       spec.percentile, spec.spacing, **spec.edit(), **options) for seed in spec.seeds]
+                                       spec.percentile, spec.spacing, negative=spec.negative, **edit, **options)
+                for seed in spec.seeds]
         handles = self.runner.add(rows, priority=0 if urgent else 1)
         self.owners.update((h, (job, k)) for k, h in enumerate(handles))
 
@@ -150,11 +181,17 @@ class ModelBatch:
         return out
 
     @torch.no_grad()
-    def preview(self, job: Job, done: int, total: int) -> "Retired":
-        """The current x̂0 of a request's images, on its way to the host like finished rows."""
+    def preview(self, job: Job, done: int, total: int) -> "Retired | None":
+        """The current x̂0 of a request's images as images (the model's cheap preview), on its way to
+        the host like finished rows; a preview decoded in full (``spec.preview_decode``) joins the
+        decode queue instead (None)."""
         handles = sorted((k, h) for h, (j, k) in self.owners.items() if j is job)
-        images = self.runner.table.peek([h for _, h in handles])
-        return self._to_host([(job, k) for k, _ in handles], images, (done, total))
+        x0 = self.runner.table.peek([h for _, h in handles])
+        owners = [(job, k) for k, _ in handles]
+        if job.spec.preview_decode:
+            self.decoding.put(DecodeWork(owners, x0, preview=(done, total)))
+            return None
+        return self._to_host(owners, self.model.preview(x0), (done, total))
 
     @torch.no_grad()
     def step(self, latency_rows: int | None = None) -> tuple[int, list[int], list[tuple[int, float]]]:
@@ -171,10 +208,34 @@ class ModelBatch:
         return rows, finished, self.timer.stop(rows, started)
 
     @torch.no_grad()
-    def retire(self, handles: list[int]) -> Retired:
-        """Take finished rows out at once; their images start their way to the host."""
+    def retire(self, handles: list[int]) -> None:
+        """Take finished rows out of the table at once; they wait for their decode (:meth:`decode`)."""
         owners = [self.owners.pop(h) for h in handles]
-        return self._to_host(owners, self.runner.take(handles).float())
+        self.decoding.put(DecodeWork(owners, self.runner.take(handles)))
+
+    @torch.no_grad()
+    def decode(self, everything: bool = False) -> list["Retired"]:
+        """Decode one chunk of the rows waiting (``everything``: all of them, chunk by chunk); what
+        that completes starts its way to the host."""
+        out = []
+        if self.threads is not None and self.model.card.scale > 1:
+            self.threads.apply_all()
+        while self.decoding:
+            out += [self._to_host(owners, images, preview) for owners, images, preview in self.decoding.step()]
+            if not everything:
+                break
+        return out
+
+    def _decode(self, owners: list[tuple[Job, int]], samples: torch.Tensor) -> torch.Tensor:
+        """Images of samples; an inpainting request's kept pixels composited back exactly."""
+        masked = [j for j, (job, _) in enumerate(owners) if job.spec.mask is not None]
+        if not masked:
+            return self.model.decode(samples)
+        image = torch.stack([job.spec.image if job.spec.mask is not None else torch.zeros_like(owners[masked[0]][0]
+                             .spec.image) for job, _ in owners])
+        mask = torch.stack([job.spec.mask if job.spec.mask is not None else torch.ones_like(owners[masked[0]][0]
+                            .spec.mask) for job, _ in owners])
+        return self.model.decode(samples, image, mask)
 
     @staticmethod
     def _to_host(owners, images: torch.Tensor, preview: tuple[int, int] | None = None) -> "Retired":
@@ -187,7 +248,7 @@ class ModelBatch:
         return Retired(owners, host, event, preview)
 
     def clear(self) -> set[Job]:
-        jobs = self.jobs()
+        jobs = self.jobs() | self.decoding.clear()
         self.runner.table.clear()
         self.owners = {}
         return jobs

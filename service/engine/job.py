@@ -42,7 +42,8 @@ KINDS = ("generation", "edit", "variation")  # what a request does, for the metr
 @dataclass(frozen=True)
 class GenerationSpec:
     """A fully validated request, in the engine's terms (no HTTP). An edit carries its decoded image
-    (and mask) as CPU tensors in the model's space (see diffusion.edits)."""
+    (and mask) as CPU tensors in image space (see diffusion.edits; a latent model's engine batch
+    encodes them into latents when the request is admitted)."""
     model: str
     condition: Condition
     scheduler: str
@@ -54,16 +55,24 @@ class GenerationSpec:
     percentile: float = 0.995
     spacing: str | None = None
     preview_every: int = 0  # >0: a preview of x̂0 every this many model evaluations (see Job.listener)
-    image: torch.Tensor | None = field(default=None, repr=False)  # [C, H, W], model space
+    image: torch.Tensor | None = field(default=None, repr=False)  # [C, H, W], image space ([-1, 1])
     mask: torch.Tensor | None = field(default=None, repr=False)  # [1, H, W], 1 where to repaint
     strength: float = 1.0
     jump_length: int = 0
     jump_n_sample: int = 1
     kind: str = "generation"  # one of KINDS
+    negative: Condition | None = None  # a negative prompt in place of the null condition of guidance
+    size: tuple[int, int] | None = None  # (height, width) of the images; None: the model's native size
+    shape: tuple[int, int, int] | None = None  # the sample shape of that size; None: the model's native one
+    preview_decode: bool = False  # previews decoded in full (a latent model's VAE) instead of the cheap map
 
     @property
     def num_images(self) -> int:
         return len(self.seeds)
+
+    def conditions(self) -> list[Condition]:
+        """Every condition the request's rows are encoded from (its own, and its negative prompt's)."""
+        return [self.condition] + ([self.negative] if self.negative is not None else [])
 
     def edit(self) -> dict:
         """The edit's arguments, as :meth:`diffusion.Pipeline.row_request` takes them."""
@@ -111,6 +120,7 @@ class Job:
     # Called on the engine's thread with a Progress after every iteration that advanced the request,
     # and a Preview when one is due (spec.preview_every): it must only hand the event on, never block.
     listener: Callable[[Progress | Preview], None] | None = None
+    batch: str = ""  # the engine batch (model, and image size) it runs in
 
     @property
     def rows(self) -> int:

@@ -83,6 +83,13 @@ class CpuThreads:
             return self.fixed
         return self.cores if network_rows * self.per_row >= PARALLEL_FLOPS else 1
 
+    def apply_all(self) -> None:
+        """Every core (or the fixed count), for work that is large whatever the rows: a VAE decode."""
+        n = self.fixed or self.cores
+        if n != self._current:
+            torch.set_num_threads(n)
+            self._current = n
+
     def apply(self, network_rows: int) -> None:
         """Set the calling thread's count for an iteration of this many network rows."""
         n = self.count(network_rows)

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from diffusion import Condition, ModelCard, Pipeline, make_schedule
+from diffusion.models.card import PixelSpace
 
 
-class FakeNet(nn.Module):
+class FakeNet(PixelSpace, nn.Module):
     """ε(x, t, c) = 0.1·x behind the model interface: cheap and deterministic. Records the batch size
     of every forward pass; ``gate`` (if set) makes each forward pass wait for a permit."""
 
@@ -20,6 +21,7 @@ class FakeNet(nn.Module):
                               class_names=tuple(str(k) for k in range(10)), class_conditional=True, cond_dim=2,
                               guidable=True, default_steps=min(50, num_timesteps))
         self.batches: list[int] = []
+        self.encoded: list[int] = []  # conditions per encoder call
         self.fail = fail
         self.gate: threading.Semaphore | None = None
 
@@ -31,8 +33,9 @@ class FakeNet(nn.Module):
             raise RuntimeError("boom")
         return 0.1 * x
 
-    def cond_vector(self, condition: Condition) -> torch.Tensor:
-        return torch.tensor([float(condition.label or 0), 1.0])
+    def encode(self, conditions: list[Condition]) -> torch.Tensor:
+        self.encoded.append(len(conditions))
+        return torch.tensor([[float(c.label or 0), 1.0] for c in conditions])
 
     def null_condition(self) -> torch.Tensor:
         return torch.zeros(1, 2)

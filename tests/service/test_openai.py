@@ -118,7 +118,7 @@ def test_unknown_model_is_not_found(client, server):
     assert caught.value.code == "model_not_found" and "tiny-digits" in caught.value.message
     metrics = httpx.get(server + "/metrics").text
     assert "dall-e-3" not in metrics  # a client's string is never a metric label
-    assert 'diffusion_requests_total{kind="generation",model="unknown",scheduler="ddim",status="404"}' in metrics
+    assert 'diffusion_requests_total{kind="generation",model="unknown",scheduler="unknown",status="404"}' in metrics
 
 
 def test_api_keys_as_bearer_tokens(checkpoint_dir):
