@@ -107,7 +107,7 @@ class LatentDiffusion(nn.Module):
     # --- conditioning ----------------------------------------------------------------------------
     def token_count(self, prompt: str) -> int:
         """The prompt's length in tokens, without the start and end tokens (the longest over the towers)."""
-        return max(len(t.tokenizer(prompt, add_special_tokens=False).input_ids) for t in self.towers)
+        return max(len(t.tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids) for t in self.towers)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
