@@ -109,6 +109,9 @@ def _text_encoder(folder: Path, cls, dtype: torch.dtype):
     if not present:
         raise CheckpointError(f"{folder}: no model.safetensors weights file (only safetensors weights are served)")
     variant = "fp16" if ".fp16." in present[0] else None
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a service's log is no terminal
     if present[0].endswith(".safetensors"):
         _read_safetensors(folder / present[0])  # a truncated file is named here, before transformers reads it
     try:

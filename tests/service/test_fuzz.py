@@ -55,7 +55,7 @@ def schema(checkpoint_dir):
 
     # The text model by default: it takes any short prompt, so generated requests reach the engine.
     app = create_app(Settings(checkpoint_dir=checkpoint_dir, device="cpu", default_model="tiny-text",
-                              max_steps=4, max_images=2, max_prompt_chars=40, request_timeout_s=30,
+                              max_steps=20, max_images=2, max_prompt_chars=40, request_timeout_s=30,
                               min_preview_every=1))
     loaded = schemathesis.openapi.from_asgi("/openapi.json", app)  # starts the app's lifespan, once
     yield loaded
