@@ -148,6 +148,11 @@ def test_openai_generations_and_edits(model_dir):
                                         prompt="a fox", extra_body={"steps": 3, "seed": 1})
             out = np.asarray(png(edited.data[0].b64_json).convert("RGB"), int)
             assert (out[32:] == pixels[32:, :, :3]).all()
+            buf = io.BytesIO()
+            photo(72, 56, seed=3).save(buf, format="PNG")
+            varied = client.images.create_variation(model="sd-tiny", image=("in.png", buf.getvalue(), "image/png"),
+                                                    n=2, extra_body={"steps": 4, "seed": 2})
+            assert [png(d.b64_json).size for d in varied.data] == [(72, 56)] * 2 and varied.size == "72x56"
             events = list(client.images.generate(model="sd-tiny", prompt="a fox", stream=True, partial_images=1,
                                                  extra_body={"steps": 4}))
             assert [e.type for e in events][-1] == "image_generation.completed"
@@ -240,3 +245,28 @@ def test_an_edit_image_of_another_size_than_asked_is_a_422(client):
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "image"
     assert "64x48" in r.json()["detail"][0]["msg"]
     assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_compiled_latent_engine_matches_the_eager_one(model_dir):
+    """The latent step (the UNet and the sampler math) under torch.compile (the aot_eager backend: the
+    same graphs the GPU's inductor compiles, without generating kernels), padded to a bucket."""
+    import torch
+
+    import diffusion
+    from diffusion import Acceleration
+    from service.engine import Engine, GenerationSpec
+
+    pipe = diffusion.load(str(model_dir / "sdxl-tiny"), "cpu")
+    c, neg = pipe.resolve("a kite"), pipe.negative("rain")
+    specs = [GenerationSpec("sdxl-tiny", c, "dpmpp_2m", 3, 6.5, (5, 6), negative=neg),
+             GenerationSpec("sdxl-tiny", c, "ddim", 2, 0.0, (8,))]
+    images = []
+    for accel in (Acceleration(), Acceleration(compile="default", backend="aot_eager", buckets=(4,))):
+        eng = Engine({"sdxl-tiny": pipe}, max_rows=4, accel=accel)
+        eng.warm_up()
+        jobs = [eng.submit(s, 120) for s in specs]
+        while not all(j.future.done() for j in jobs):
+            eng.iterate()
+        images.append(torch.cat([j.future.result().images for j in jobs]))
+    torch.testing.assert_close(images[1], images[0], rtol=1e-4, atol=1e-4)
