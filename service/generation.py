@@ -266,7 +266,9 @@ def describe(name: str, pipe: Pipeline, default: bool, settings: Settings | None
     return ModelInfo(
         name=name, default=default, conditioning=card.conditioning, guidance=card.guidable,
         class_names=list(card.class_names), image_shape=[c, h, w], sample_shape=list(card.sample_shape),
-        size=f"{w}x{h}", sizes=sizes, text_encoders=list(card.text_encoders), negative_prompt=card.negative_prompts,
+        size=f"{w}x{h}", sizes=sizes, size_multiple=card.scale if card.resizable else None,
+        max_size=bound if card.resizable else None, text_encoders=list(card.text_encoders),
+        negative_prompt=card.negative_prompts,
         parameters=card.parameters, architecture=card.architecture, source=card.source, schedule=card.schedule.kind,
         num_timesteps=card.num_timesteps, prediction=card.prediction, default_scheduler=card.default_scheduler,
         default_steps=card.default_steps, default_guidance=card.default_guidance,

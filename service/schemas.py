@@ -130,6 +130,8 @@ class ModelInfo(BaseModel):
                                     "native size: the image itself, or a latent model's latents.")
     size: str = Field(description="WIDTHxHEIGHT (the OpenAI endpoints' size), the native one.")
     sizes: str = Field(description="Other sizes: 'native only', or the rule ('multiples of 8 up to 1536').")
+    size_multiple: int | None = Field(description="Resizable models: width and height are multiples of this.")
+    max_size: int | None = Field(description="Resizable models: width and height at most (the service's max_size).")
     text_encoders: list[str] = Field(description="Text models: what encodes a prompt.")
     negative_prompt: bool = Field(description="Takes a negative prompt.")
     default_scheduler: str

@@ -31,7 +31,8 @@ transformers' CLIP text towers, unchanged; this adapter only maps the interface 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,19 +43,30 @@ from diffusion.models.card import Condition, ModelCard, to_device
 
 @dataclass(frozen=True)
 class TextTower:
-    """One text encoder and its tokenizer, and which of its outputs conditions the UNet."""
+    """One text encoder and its tokenizer, and which of its outputs conditions the UNet.
+
+    The tokenizer is called under a lock: a fast (Rust-backed) tokenizer keeps its padding and
+    truncation settings on itself while it runs, so a prompt counted on a request's thread while the
+    engine's thread pads a batch would be counted padded."""
     tokenizer: object  # a transformers CLIPTokenizer
     encoder: nn.Module  # CLIPTextModel or CLIPTextModelWithProjection
     penultimate: bool  # the hidden states before the last layer (SDXL) instead of the last hidden state
     pooled: bool  # also the projected pooled embedding (SDXL's second tower)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def length(self) -> int:
         return int(self.tokenizer.model_max_length)
 
     def tokens(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(prompts, padding="max_length", max_length=self.length, truncation=True,
-                              return_tensors="pt").input_ids
+        with self.lock:
+            return self.tokenizer(prompts, padding="max_length", max_length=self.length, truncation=True,
+                                  return_tensors="pt").input_ids
+
+    def count(self, prompt: str) -> int:
+        """Tokens of a prompt, without the start and end tokens."""
+        with self.lock:
+            return len(self.tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids)
 
     def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         mask = None
@@ -107,7 +119,7 @@ class LatentDiffusion(nn.Module):
     # --- conditioning ----------------------------------------------------------------------------
     def token_count(self, prompt: str) -> int:
         """The prompt's length in tokens, without the start and end tokens (the longest over the towers)."""
-        return max(len(t.tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids) for t in self.towers)
+        return max(t.count(prompt) for t in self.towers)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -315,3 +315,27 @@ def test_a_row_is_the_same_alone_and_co_batched(ours):
         runner.take(finished)
     scale = float(expected.abs().max())
     assert float((got - expected).abs().max()) <= 1e-5 * scale
+
+
+def test_prompts_are_counted_right_while_another_thread_encodes(ours):
+    """A request's thread counts its prompt while the engine's thread tokenizes a padded batch: the
+    count is never the padded length (transformers' fast tokenizers keep padding state on themselves)."""
+    import threading
+
+    pipe = ours["sdxl"]
+    stop, counts = threading.Event(), []
+
+    def encode():  # the tokenizers alone, in a loop: the window a race needs (measured: without the lock, 77s)
+        while not stop.is_set():
+            for tower in pipe.model.towers:
+                tower.tokens(["a kite over the sea", "fog"])
+
+    worker = threading.Thread(target=encode)
+    worker.start()
+    try:
+        for _ in range(300):
+            counts.append(pipe.model.token_count("a kite"))
+    finally:
+        stop.set()
+        worker.join()
+    assert set(counts) == {2}

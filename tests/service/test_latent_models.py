@@ -74,6 +74,7 @@ def test_models_report_shapes_sizes_encoders_and_defaults(client):
     sd, xl, px = models["sd-tiny"], models["sdxl-tiny"], models["ddpm-rgb32"]
     assert sd["image_shape"] == [3, 64, 64] and sd["sample_shape"] == [4, 8, 8] and sd["size"] == "64x64"
     assert sd["sizes"] == "multiples of 8 up to 128" and px["sizes"] == "native only"
+    assert (sd["size_multiple"], sd["max_size"], px["size_multiple"], px["max_size"]) == (8, 128, None, None)
     assert sd["default_scheduler"] == "dpmpp_2m" and sd["default_steps"] == 25 and sd["default_guidance_scale"] == 7.5
     assert sd["negative_prompt"] and sd["max_prompt_tokens"] == 75 and sd["text_encoders"][0].startswith("CLIPTextModel")
     assert len(xl["text_encoders"]) == 2 and xl["architecture"].startswith("SDXL")
@@ -212,7 +213,7 @@ def test_decoding_never_holds_back_more_than_one_chunk_per_iteration(model_dir):
         answers = await asyncio.gather(
             client.post("/generate", json={"model": "sd-tiny", "prompt": "a", "steps": 2, "seed": 1, "num_images": 4}),
             client.post("/generate", json={"model": "sd-tiny", "prompt": "b", "steps": 12, "seed": 2}))
-        assert all(a.status_code == 200 for a in answers)
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
         return calls, per_iteration
 
     calls, per_iteration = serve(settings(model_dir, decode_chunk_pixels=64 * 64), body)
