@@ -1,10 +1,14 @@
 """The playground at GET /: one self-contained page (checked as text), and driven in a real browser
 (headless Chromium through selenium and chromedriver, all from Debian: `apt-get install chromium
 chromium-driver`) against a live server: type a prompt, generate, and see exactly the images the
-API returns for the same seed. The browser test skips where no browser is installed."""
+API returns for the same seed; with a pixel model, and with a tiny Stable Diffusion folder (its own
+scheduler, a negative prompt, a size of one's own, an edit at the image's own size). The browser
+tests skip where no browser is installed."""
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 import shutil
 import time
@@ -14,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api import create_app
+from service.settings import Settings
 from tests.service.conftest import live_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -64,7 +69,8 @@ def wait_for(driver, script: str, timeout: float = 90.0):
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"never true: {script}\nstatus: {driver.execute_script('return status.textContent')}")
+    status = driver.execute_script("return document.getElementById('status').textContent")
+    raise AssertionError(f"never true: {script}\nstatus: {status}")
 
 
 def test_the_playground_shows_the_images_the_api_returns(browser, make_settings):
@@ -105,9 +111,6 @@ def test_the_playground_edits_an_uploaded_image_with_a_painted_mask(browser, mak
     """Upload a picture, paint over its left part, generate: the result is the API's for the same
     request (image, mask and seed as the page sent them), beside the input, and the unpainted pixels
     come back as they were."""
-    import base64
-    import io
-
     import numpy as np
     from PIL import Image
     from selenium.webdriver.common.action_chains import ActionChains
@@ -145,10 +148,104 @@ def test_the_playground_edits_an_uploaded_image_with_a_painted_mask(browser, mak
         shown = [img.get_attribute("src") for img in browser.find_elements(By.CSS_SELECTOR, "#grid img.result")]
         assert shown == ["data:image/png;base64," + b64 for b64 in api["images"]]
 
-        def decode(data_url):
-            return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
         image, out = (np.asarray(decode(u).convert("L")) for u in (sent["image"], shown[0]))
         painted = np.asarray(decode(sent["mask"]).convert("RGBA"))[..., 3] == 0  # transparent: repaint
         assert painted[:, :2].all() and not painted[:, 12:].any()  # the stroke covered the left columns only
         assert np.array_equal(out[~painted], image[~painted])
         assert not np.array_equal(out[painted], image[painted])
+
+
+def decode(data_url: str):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+
+
+@pytest.fixture
+def latent_dir(checkpoint_dir, tmp_path_factory):
+    """The tiny pixel checkpoints beside a tiny random SD 1.x pipeline folder (tests/sd_models.py); built
+    after the browser fixture, so not where that one skips."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tests.sd_models import SD_SPECS, save
+
+    d = tmp_path_factory.mktemp("playground")
+    for p in checkpoint_dir.glob("*.safetensors"):
+        shutil.copy(p, d / p.name)
+    save(SD_SPECS["sd1"], d / "sd-tiny")
+    return d
+
+
+def test_the_playground_generates_and_edits_with_a_latent_model(browser, latent_dir, tmp_path):
+    """A Stable Diffusion model: the page takes its scheduler and size, offers a negative prompt, a
+    size and decoded previews (none of which a pixel model shows), and shows the API's images at the
+    size asked for; an uploaded picture is edited at its own size, rounded down to multiples of 8."""
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    def shown(selector="#grid img.result"):
+        return [img.get_attribute("src") for img in browser.find_elements(By.CSS_SELECTOR, selector)]
+
+    def sizes():
+        return browser.execute_script("return [...document.querySelectorAll('#grid img.result')]"
+                                      ".map(i => i.naturalWidth + 'x' + i.naturalHeight)")
+
+    def api(sent):
+        body = {k: v for k, v in sent.items() if k not in ("stream", "preview_at", "preview_decode")}
+        return httpx.post(url + "/generate", json=body, timeout=60).json()
+
+    settings = Settings(checkpoint_dir=latent_dir, device="cpu", default_model="tiny-digits", max_steps=50,
+                        max_size=128, min_preview_every=2)
+    with live_server(settings) as url:
+        browser.get(url + "/")
+        wait_for(browser, "return document.getElementById('model').options.length === 3")
+        model = Select(browser.find_element(By.ID, "model"))
+        scheduler = Select(browser.find_element(By.ID, "scheduler"))
+        rows = ("negativerow", "sizerow", "decoderow", "scalehint")
+        assert scheduler.first_selected_option.get_attribute("value") == "ddim"  # the pixel model's own
+        assert not any(browser.find_element(By.ID, row).is_displayed() for row in rows)
+        model.select_by_value("sd-tiny")
+        assert scheduler.first_selected_option.get_attribute("value") == "dpmpp_2m"  # the SD model's own
+        assert all(browser.find_element(By.ID, row).is_displayed() for row in rows)
+        assert not browser.find_element(By.ID, "classrow").is_displayed()  # no classes
+        assert browser.find_element(By.ID, "steps").get_attribute("placeholder") == "25"
+        assert browser.find_element(By.ID, "guidance").get_attribute("placeholder") == "6.5"
+        assert "guidance_scale 7.5" in browser.find_element(By.ID, "scalehint").text
+        width, height = browser.find_element(By.ID, "width"), browser.find_element(By.ID, "height")
+        assert (width.get_attribute("value"), height.get_attribute("value"), width.get_attribute("max")) == \
+            ("64", "64", "128")  # the native size; the service's max_size
+        for field, value in (("prompt", "a lighthouse at dusk"), ("negative", "blurry"), ("steps", "4"),
+                             ("seed", "5")):
+            browser.find_element(By.ID, field).send_keys(value)
+        for field, value in ((width, "96"), (height, "64"), (browser.find_element(By.ID, "count"), "2")):
+            field.clear()
+            field.send_keys(value)
+        browser.find_element(By.ID, "decode").click()
+        browser.find_element(By.ID, "generate").click()
+        wait_for(browser, "return document.body.dataset.state === 'done'")
+
+        sent = browser.execute_script("return window.lastRequest")
+        assert {k: sent[k] for k in ("model", "scheduler", "negative_prompt", "width", "height", "preview_decode")} \
+            == {"model": "sd-tiny", "scheduler": "dpmpp_2m", "negative_prompt": "blurry", "width": 96, "height": 64,
+                "preview_decode": True}
+        assert shown() == ["data:image/png;base64," + b64 for b64 in api(sent)["images"]]
+        assert sizes() == ["96x64"] * 2
+        assert int(browser.execute_script("return document.body.dataset.previews")) >= 1
+        assert "96x64" in browser.find_element(By.ID, "timings").text
+
+        picture = tmp_path / "photo.png"  # 100x60: edited at 96x56
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8)).save(picture)
+        browser.find_element(By.ID, "file").send_keys(str(picture))
+        assert wait_for(browser, "return document.body.dataset.image") == "96x56"
+        assert (width.get_attribute("value"), height.get_attribute("value")) == ("96", "56")
+        browser.find_element(By.ID, "strength").send_keys("0.5")
+        browser.find_element(By.ID, "generate").click()
+        wait_for(browser, "return document.body.dataset.state === 'done' && window.lastRequest.image")
+
+        sent = browser.execute_script("return window.lastRequest")
+        assert decode(sent["image"]).size == (96, 56) and (sent["width"], sent["height"], sent["strength"]) == \
+            (96, 56, 0.5)
+        assert shown() == ["data:image/png;base64," + b64 for b64 in api(sent)["images"]]
+        assert sizes() == ["96x56"] * 2
