@@ -75,6 +75,11 @@ def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings, s
     guidance, guidance_errors = _guidance(req, pipe, settings)
     errors += guidance_errors
     errors += _preview_errors(req, stream, settings.min_preview_every)
+    if req.timeout_s is not None and req.bulk:
+        errors.append(("bulk", "a bulk request has no deadline: leave timeout_s out", "value_error"))
+    elif req.timeout_s is not None and req.timeout_s > settings.max_timeout_s:
+        errors.append(("timeout_s", f"must be at most {settings.max_timeout_s:g} (the service's max_timeout_s)",
+                       "less_than_equal"))
     if req.num_images > settings.max_images:
         errors.append(("num_images", f"must be at most {settings.max_images}", "less_than_equal"))
     if req.eta is not None and scheduler != "ddim":
@@ -120,7 +125,8 @@ def prepare(req: GenerateRequest, registry: ModelRegistry, settings: Settings, s
         percentile=float(req.percentile), spacing=req.spacing,
         preview_every=math.gcd(*points),  # the engine previews at every multiple; the stream keeps the points
         kind=kind or ("edit" if edit["image"] is not None else "generation"), negative=negative, size=size,
-        shape=card.sample_shape_for(*size), preview_decode=req.preview_decode, **edit)
+        shape=card.sample_shape_for(*size), preview_decode=req.preview_decode,
+        timeout_s=None if req.bulk else float(req.timeout_s or settings.request_timeout_s), **edit)
     return Prepared(spec, points)
 
 

@@ -19,6 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -46,6 +47,13 @@ class Metrics:
                                "Server-Sent Event stream", ["model"], registry=r)
         self.previews_total = Counter("diffusion_previews_total", "Streamed previews: sent, or dropped because "
                                       "the client read too slowly", ["model", "outcome"], registry=r)
+        self.goodput_total = Counter("diffusion_goodput_total", "Requests answered: within their deadline "
+                                     "(on_time=true) or after it (false)", ["model", "on_time"], registry=r)
+        self.refusals_total = Counter("diffusion_refusals_total", "Requests refused before running, by reason: "
+                                      "deadline (predicted to miss it), queue_full", ["model", "reason"], registry=r)
+        self.prediction_ratio = Histogram("diffusion_prediction_ratio", "Actual over predicted seconds from "
+                                          "admission to the last image (the cost model's error; 1 is exact)",
+                                          ["model"], buckets=RATIO_BUCKETS, registry=r)
         self.depth = Gauge("diffusion_queue_depth", "Requests waiting for rows", registry=r)
         self.depth.set_function(queue_depth)
         self.in_flight = Gauge("diffusion_rows_in_flight", "Images being denoised", registry=r)
@@ -66,6 +74,11 @@ class Metrics:
             self.streams.labels(m)
             for outcome in ("sent", "dropped"):
                 self.previews_total.labels(m, outcome)
+            for on_time in ("true", "false"):
+                self.goodput_total.labels(m, on_time)
+            for reason in ("deadline", "queue_full"):
+                self.refusals_total.labels(m, reason)
+            self.prediction_ratio.labels(m)
             for s in schedulers:
                 self.duration.labels(m, s)
 
@@ -79,6 +92,14 @@ class Metrics:
 
     def images(self, model: str, count: int) -> None:
         self.images_total.labels(model).inc(count)
+
+    def refused(self, model: str, reason: str) -> None:
+        self.refusals_total.labels(model, reason).inc()
+
+    def finished(self, model: str, on_time: bool, predicted_s: float | None, actual_s: float) -> None:
+        self.goodput_total.labels(model, "true" if on_time else "false").inc()
+        if predicted_s:
+            self.prediction_ratio.labels(model).observe(actual_s / predicted_s)
 
     # --- the HTTP layer ---------------------------------------------------------------------------
     def request(self, model: str, scheduler: str, status: int, seconds: float | None = None,

@@ -39,6 +39,12 @@ class Sampling(BaseModel):
     height: int | None = Field(None, strict=True, ge=1, description="Image height in pixels (as width).")
     preview_decode: bool = Field(False, strict=True, description="Streamed previews decoded in full by a latent "
                                  "model's VAE (slower) instead of its cheap latent→RGB map.")
+    timeout_s: float | None = Field(None, strict=True, gt=0, allow_inf_nan=False, description="This request's "
+                                    "deadline in seconds from now (at most the service's max_timeout_s; default: its "
+                                    "request_timeout_s). A request the service predicts cannot finish by it is "
+                                    "refused at once (503, Retry-After) instead of timing out.")
+    bulk: bool = Field(False, strict=True, description="No deadline: the request runs in the capacity that "
+                       "requests with deadlines leave, and yields to them (waits up to max_timeout_s).")
     eta: float | None = Field(None, strict=True, ge=0, allow_inf_nan=False,
                               description="DDIM only: 0 deterministic, 1 ancestral. Default 0.")
     seed: int | None = Field(None, strict=True, ge=0, le=MAX_SEED, description="Image k uses seed + k; "

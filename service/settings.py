@@ -51,7 +51,14 @@ class Settings(BaseSettings):
     # --- limits --------------------------------------------------------------------------------
     max_batch_rows: int = Field(64, ge=1, le=4096, description="images denoised together per forward pass, per model")
     max_queue: int = Field(256, ge=1, description="requests waiting for rows; more get 429")
-    request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline (504 when it passes)")
+    request_timeout_s: float = Field(120.0, gt=0, description="a request's deadline when it names none (timeout_s)")
+    max_timeout_s: float = Field(600.0, gt=0, description="a request's timeout_s, at most; also how long a bulk "
+                                 "request (no deadline) may wait")
+    goodput: bool = Field(True, description="admit by deadline: a request joins only if it and every running one are "
+                          "predicted to finish in time (an online cost model); one that cannot is refused at once "
+                          "(503); batches stay within the cost model's knee")
+    calibrate_s: float = Field(3.0, ge=0, description="at start-up, seconds per model spent timing iterations to "
+                               "seed the cost model (0: learn from the first requests only)")
     max_images: int = Field(8, ge=1, description="num_images per request")
     max_steps: int = Field(1000, ge=1, description="steps per request (also at most the model's T)")
     max_prompt_chars: int = Field(300, ge=1, description="prompt length in characters (tokens: the model's own limit)")
@@ -167,6 +174,9 @@ class Settings(BaseSettings):
     def _consistent(self):
         if self.cuda_graphs and self.device == "cpu":
             raise ValueError("cuda_graphs needs a CUDA device")
+        if self.request_timeout_s > self.max_timeout_s:
+            raise ValueError(f"request_timeout_s ({self.request_timeout_s:g}) cannot exceed max_timeout_s "
+                             f"({self.max_timeout_s:g})")
         if self.max_images > self.max_batch_rows:
             raise ValueError(f"max_images ({self.max_images}) cannot exceed max_batch_rows ({self.max_batch_rows}): "
                              "a request's images are admitted together")
@@ -186,7 +196,8 @@ class Settings(BaseSettings):
     def policy(self) -> Policy:
         reserve = self.max_batch_rows // 8 if self.reserve_rows < 0 else self.reserve_rows
         return Policy(order=self.admission, short_work=self.short_request_evaluations,
-                      reserve_rows=min(reserve, self.max_batch_rows - 1), starvation_s=self.starvation_s)
+                      reserve_rows=min(reserve, self.max_batch_rows - 1), starvation_s=self.starvation_s,
+                      goodput=self.goodput)
 
     def max_body_bytes(self) -> int:
         """A request body, at most: an image and a mask at the byte limit, base64-encoded, and the rest."""

@@ -43,7 +43,8 @@ async def lifespan(app: FastAPI):
     engine = Engine(registry.pipelines, max_rows=settings.max_batch_rows, max_queue=settings.max_queue,
                     observer=metrics, max_steps=settings.max_steps, accel=accel, policy=settings.policy(),
                     latency_rows=settings.latency_rows, cpu_threads=settings.cpu_threads,
-                    decode_pixels=settings.decode_chunk_pixels)
+                    decode_pixels=settings.decode_chunk_pixels,
+                    calibrate_s=settings.calibrate_s if settings.goodput else 0.0)
     if accel.padded:  # compile and capture before /readyz turns ready
         started = time.monotonic()
         await asyncio.to_thread(engine.warm_up)

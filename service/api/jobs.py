@@ -9,26 +9,33 @@ import asyncio
 from fastapi import HTTPException, Request
 
 from service.api.streaming import disconnected, failure
-from service.engine import Engine, EngineClosed, GenerationResult, GenerationSpec, Job, QueueFull
+from service.engine import Engine, EngineClosed, GenerationResult, GenerationSpec, Job, QueueFull, Refused
 from service.settings import Settings
 
 
 def submit(engine: Engine, spec: GenerationSpec, settings: Settings, listener=None) -> Job:
     try:
-        return engine.submit(spec, settings.request_timeout_s, listener)
+        return engine.submit(spec, spec.timeout_s, listener)
     except QueueFull as e:
         raise HTTPException(429, str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
+    except Refused as e:
+        raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
     except EngineClosed as e:
         raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None
+
+
+def timeout(spec: GenerationSpec, settings: Settings) -> float:
+    """How long the HTTP side waits: the request's deadline, or for bulk work the longest allowed."""
+    return spec.timeout_s if spec.timeout_s is not None else settings.max_timeout_s
 
 
 async def wait(engine: Engine, job: Job, request: Request, settings: Settings) -> GenerationResult | None:
     """The job's result; None when the client went away first (its rows leave the engine)."""
     result_ = asyncio.wrap_future(job.future)
     gone = asyncio.ensure_future(disconnected(request))
+    limit = timeout(job.spec, settings)
     try:
-        done, _ = await asyncio.wait({result_, gone}, timeout=settings.request_timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({result_, gone}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not job.future.done():
@@ -36,7 +43,7 @@ async def wait(engine: Engine, job: Job, request: Request, settings: Settings) -
     if result_ not in done:
         if gone in done:
             return None
-        raise HTTPException(504, f"deadline of {settings.request_timeout_s:g} s passed")
+        raise HTTPException(504, f"deadline of {limit:g} s passed")
     try:
         return result_.result()
     except Exception as e:  # the engine's errors: 504, 503, 500

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from service import render
 from service.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep, require_key
 from service.api.errors import openai_body
-from service.api.jobs import submit, wait
+from service.api.jobs import submit, timeout, wait
 from service.api.openapi import event_stream
 from service.api import openai_forms
 from service.api.openai_forms import invalid
@@ -206,7 +206,7 @@ async def _events(engine: Engine, job: Job, buffer: EventBuffer, request: Reques
     info, rounds = request.state.log, 0
     partial, completed = protocol.partial, protocol.completed
     try:
-        async with aclosing(follow(engine, job, buffer, request, settings.request_timeout_s)) as items:
+        async with aclosing(follow(engine, job, buffer, request, timeout(job.spec, settings))) as items:
             async for item in items:
                 if isinstance(item, Heartbeat):
                     yield KEEP_ALIVE

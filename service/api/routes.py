@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from service import render
 from service.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep, require_key, require_metrics_key
-from service.api.jobs import submit, wait
+from service.api.jobs import submit, timeout, wait
 from service.api.openapi import event_stream
 from service.api.streaming import KEEP_ALIVE, EventBuffer, EventStream, Finished, Heartbeat, Queued, follow, sse
 from service.engine import Engine, GenerationResult, Job, Preview, Progress
@@ -109,7 +109,7 @@ async def _events(engine: Engine, job: Job, buffer: EventBuffer, request: Reques
     """The native stream: queued, progress, preview, then done or error."""
     spec, info, sent = job.spec, request.state.log, 0
     try:
-        async with aclosing(follow(engine, job, buffer, request, settings.request_timeout_s)) as items:
+        async with aclosing(follow(engine, job, buffer, request, timeout(job.spec, settings))) as items:
             async for item in items:
                 if isinstance(item, Heartbeat):
                     yield KEEP_ALIVE

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
 from service.engine import (DeadlineExceeded, Engine, EngineClosed, GenerationFailed, GenerationResult, Job, Preview,
-                            Progress)
+                            Progress, Refused)
 
 HEARTBEAT_S = 15.0  # a comment line after this long without an event keeps proxies from closing the stream
 POLL_S = 0.5  # how often a queued request's position is looked at
@@ -60,6 +60,8 @@ def failure(error: BaseException) -> Failed:
     """An engine error as an HTTP status and message."""
     if isinstance(error, DeadlineExceeded):
         return Failed(504, str(error))
+    if isinstance(error, Refused):
+        return Failed(503, str(error), {"Retry-After": str(error.retry_after_s)})
     if isinstance(error, EngineClosed):
         return Failed(503, str(error), {"Retry-After": "5"})
     if isinstance(error, GenerationFailed):

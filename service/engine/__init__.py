@@ -5,7 +5,7 @@ Knows nothing of HTTP; see :mod:`service.engine.engine`.
 
 from service.engine.engine import Engine, Observer
 from service.engine.job import (DeadlineExceeded, EngineClosed, EngineError, GenerationFailed, GenerationResult,
-                                GenerationSpec, Job, Preview, Progress, QueueFull)
+                                GenerationSpec, Job, Preview, Progress, QueueFull, Refused)
 
 __all__ = ["DeadlineExceeded", "Engine", "EngineClosed", "EngineError", "GenerationFailed", "GenerationResult",
-           "GenerationSpec", "Job", "Observer", "Preview", "Progress", "QueueFull"]
+           "GenerationSpec", "Job", "Observer", "Preview", "Progress", "QueueFull", "Refused"]

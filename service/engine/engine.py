@@ -36,9 +36,10 @@ from typing import Protocol
 import torch
 
 from diffusion import Acceleration
+from service.engine.costs import CostModel
 from service.engine.executor import Model, ModelBatch, Retired
 from service.engine.job import (DeadlineExceeded, EngineClosed, GenerationFailed, GenerationResult, GenerationSpec,
-                                Job, Preview, Progress, QueueFull)
+                                Job, Preview, Progress, QueueFull, Refused)
 from service.engine.scheduler import Policy, Ticket, plan
 from service.engine.threads import CpuThreads, flops_per_row
 
@@ -52,6 +53,10 @@ class Observer(Protocol):
 
     def images(self, model: str, count: int) -> None: ...
 
+    def refused(self, model: str, reason: str) -> None: ...
+
+    def finished(self, model: str, on_time: bool, predicted_s: float | None, actual_s: float) -> None: ...
+
 
 class _NoObserver:
     def queue_wait(self, model, seconds): pass
@@ -60,15 +65,20 @@ class _NoObserver:
 
     def images(self, model, count): pass
 
+    def refused(self, model, reason): pass
+
+    def finished(self, model, on_time, predicted_s, actual_s): pass
+
 
 class Engine:
     def __init__(self, models: Mapping[str, Model], *, max_rows: int = 64, max_queue: int = 256,
                  observer: Observer | None = None, clock=time.monotonic, max_steps: int | None = None,
                  accel: Acceleration = Acceleration(), policy: Policy = Policy(), latency_rows: int = 0,
-                 cpu_threads: str | None = None, decode_pixels: int = 2 * 1024 * 1024):
+                 cpu_threads: str | None = None, decode_pixels: int = 2 * 1024 * 1024, calibrate_s: float = 0.0):
         """``cpu_threads`` ("auto" or a number): the intra-op threads of iterations on the CPU
         (:mod:`service.engine.threads`); None leaves PyTorch's count alone. ``decode_pixels``: image
-        pixels per decode chunk."""
+        pixels per decode chunk. ``calibrate_s``: seconds spent timing a model's iterations (at its
+        first request, or a new size's) to seed the cost model; 0: the first iterations seed it."""
         self.models = dict(models)
         self._cpu_threads, self._max_steps, self.decode_pixels = cpu_threads, max_steps, decode_pixels
         # batch key (the model's name, or name@WxH for another size) -> its rows
@@ -87,25 +97,37 @@ class Engine:
         self._stop = False  # the worker exits
         self._thread: threading.Thread | None = None
         self._service_time_s = 1.0  # running mean of admitted -> done, for Retry-After
+        self.costs = CostModel()  # seconds of an iteration per model batch and network rows (measured)
+        self.calibrate_s = calibrate_s
         self.iterations = 0
 
     # --- the caller's side ------------------------------------------------------------------
-    def submit(self, spec: GenerationSpec, timeout_s: float, listener=None) -> Job:
-        """Queue a request; raises QueueFull, EngineClosed, or KeyError for an unknown model.
-        ``listener`` (see :attr:`Job.listener`) receives its progress and previews."""
+    def submit(self, spec: GenerationSpec, timeout_s: float | None, listener=None) -> Job:
+        """Queue a request with a deadline ``timeout_s`` from now (None: none, bulk work); raises
+        QueueFull, EngineClosed, Refused (it cannot finish in time even alone, by the cost model), or
+        KeyError for an unknown model. ``listener`` (see :attr:`Job.listener`) receives its progress
+        and previews."""
         if spec.model not in self.models:
             raise KeyError(spec.model)
         if spec.num_images > self.max_rows:
             raise ValueError(f"{spec.num_images} images exceed the {self.max_rows} rows of a forward pass")
         work = self.batches[spec.model].evaluations(spec)
-        key = batch_key(spec, self.models[spec.model].card.sample_shape)
+        card = self.models[spec.model].card
+        key = batch_key(spec, card.sample_shape)
+        net = spec.num_images * (2 if spec.guidance > 0 and card.guidable else 1)
+        if timeout_s is not None and self.policy.goodput and self.costs.known(key):
+            alone = work * self.costs.cost(key, net)
+            if alone > timeout_s:
+                self.observer.refused(spec.model, "deadline")
+                raise Refused(alone, timeout_s, 1.0)
         with self._cv:
             if self._closed:
                 raise EngineClosed("the service is shutting down")
             if len(self._waiting) >= self.max_queue:
+                self.observer.refused(spec.model, "queue_full")
                 raise QueueFull(len(self._waiting), self.retry_after_s())
-            job = Job(spec, deadline=self.clock() + timeout_s, work=work, submitted_at=self.clock(),
-                      listener=listener, batch=key)
+            job = Job(spec, deadline=self.clock() + (math.inf if timeout_s is None else timeout_s), work=work,
+                      submitted_at=self.clock(), listener=listener, batch=key, network_rows=net)
             self._waiting.append(job)
             self._cv.notify_all()
         return job
@@ -151,6 +173,28 @@ class Engine:
         for batch in self.batches.values():
             batch.warm_up()
 
+    def calibrate(self, key: str, budget_s: float) -> None:
+        """Seed the cost model of one engine batch: its iteration timed at growing batch sizes (on its
+        empty table: inert rows, nothing changes), for at most about ``budget_s``."""
+        started = time.perf_counter()
+        for net, seconds in self.batches[key].calibrate(budget_s):
+            self.costs.observe(key, net, seconds)
+        log.info("model %s calibrated in %.1f s: iteration seconds by network rows %s", key,
+                 time.perf_counter() - started,
+                 {n: round(s, 4) for n, s in sorted(self.costs.estimates.get(key, {}).items())})
+
+    def _calibrate_new(self, jobs) -> None:
+        """Batches that requests wait for and that nothing has measured yet are calibrated first."""
+        for job in jobs:
+            if self.costs.known(job.batch) or job.future.done():
+                continue
+            batch = self._batch(job)
+            if not batch.busy:
+                try:
+                    self.calibrate(job.batch, self.calibrate_s)
+                except Exception:  # measuring is never worth a request: the first iterations will
+                    log.exception("calibrating %s failed", job.batch)
+
     def _idle(self) -> bool:
         return not self._waiting and not any(b.busy for b in self.batches.values()) and not self._retired
 
@@ -168,16 +212,29 @@ class Engine:
 
     def iterate(self) -> int:
         """One engine iteration over every model; returns the rows that went through a forward pass."""
+        if self.calibrate_s > 0 and self.policy.goodput:
+            with self._cv:
+                cold = [j for j in self._waiting if not self.costs.known(j.batch)]
+            self._calibrate_new(cold)
         now = self.clock()
         with self._cv:
-            running = {job.id: job for b in self.batches.values() for job in b.jobs()}
+            left = {job: total - done for b in self.batches.values() for job, (done, total) in b.progress().items()}
+            running = {job.id: job for job in left}
             waiting = {job.id: job for job in self._waiting}
-            decision = plan([_ticket(j, now) for j in self._waiting], [_ticket(j, now) for j in running.values()],
-                            self.max_rows, self.policy)
-            gone = set(decision.drop_waiting) | set(decision.admit)
+            decision = plan([_ticket(j, now) for j in self._waiting],
+                            [_ticket(j, now, left[j]) for j in running.values()], self.max_rows, self.policy,
+                            self.costs if self.policy.goodput else None)
+            refused = {key: (predicted, retry) for key, predicted, retry in decision.refuse}
+            gone = set(decision.drop_waiting) | set(decision.admit) | set(refused)
             self._waiting = deque(j for j in self._waiting if j.id not in gone)
         for key in decision.drop_waiting:
             _give_up(waiting[key], now)
+        for key, (predicted, retry) in refused.items():
+            job = waiting[key]
+            if job.finish(error=Refused(predicted, job.deadline - now, retry)):
+                self.observer.refused(job.spec.model, "deadline")
+        for key, predicted in decision.predicted.items():
+            waiting[key].predicted_s = predicted
         dropped = {running[k] for k in decision.drop_running}
         for job in dropped:
             _give_up(job, now)
@@ -229,8 +286,10 @@ class Engine:
             return
         job.admitted_at = self.clock()
         self.observer.queue_wait(job.spec.model, job.admitted_at - job.submitted_at)
+        # latency-sensitive rows step first; work without a deadline never is
+        urgent = self.policy.short(_ticket(job, job.admitted_at)) and math.isfinite(job.deadline)
         try:
-            self._batch(job).admit(job, urgent=self.policy.short(_ticket(job, job.admitted_at)))
+            self._batch(job).admit(job, urgent=urgent)
         except Exception as e:  # a request the model cannot run fails alone
             log.exception("admitting job %s failed", job.id)
             job.finish(error=GenerationFailed(f"could not start generation: {e}"))
@@ -250,8 +309,13 @@ class Engine:
             del self.batches[key]
 
     def _step(self, name: str, batch: ModelBatch) -> int:
+        limit = self.latency_rows or None
+        if limit is None and self.policy.goodput and any(not math.isfinite(j.deadline) for j in batch.jobs()):
+            # bulk rows yield: with latency-sensitive rows in flight, the iteration stays within the knee
+            guided = 2 if batch.model.card.guidable else 1
+            limit = max(1, self.costs.knee(name, 2 * self.max_rows) // guided)
         try:
-            rows, finished, timings = batch.step(self.latency_rows or None)
+            rows, finished, timings = batch.step(limit)
             self._report(name, batch)
             if finished:
                 batch.retire(finished)
@@ -260,8 +324,9 @@ class Engine:
             for job in batch.clear():
                 job.finish(error=GenerationFailed(f"generation failed: {type(e).__name__}"))
             return 0
-        for r, seconds in timings:
+        for (r, net), seconds in timings:
             self.observer.forward(batch.model.name, r, seconds)
+            self.costs.observe(name, net, seconds)
         return rows
 
     def _report(self, name: str, batch: ModelBatch) -> None:
@@ -311,6 +376,7 @@ class Engine:
         job.images = {}
         if job.finish(GenerationResult(images, job.admitted_at - job.submitted_at, generating)):
             self.observer.images(job.spec.model, job.rows)
+            self.observer.finished(job.spec.model, now <= job.deadline, job.predicted_s, generating)
 
     # --- shutdown ------------------------------------------------------------------------------
     def shutdown(self, grace_s: float = 30.0) -> None:
@@ -359,9 +425,11 @@ def _tell(job: Job, event) -> None:
         log.exception("listener of job %s failed", job.id)
 
 
-def _ticket(job: Job, now: float) -> Ticket:
+def _ticket(job: Job, now: float, remaining: int | None = None) -> Ticket:
     return Ticket(job.id, job.batch or job.spec.model, job.rows, cancelled=job.cancelled, expired=job.expired(now),
-                  work=job.work, waited_s=now - job.submitted_at)
+                  work=job.work, waited_s=now - job.submitted_at,
+                  deadline_s=job.deadline - now if math.isfinite(job.deadline) else None, remaining=remaining,
+                  net_rows=job.network_rows or None)
 
 
 def _give_up(job: Job, now: float) -> None:

@@ -23,6 +23,8 @@ from typing import Protocol
 import torch
 
 from diffusion import Acceleration, ModelCard, RowRequest, Runner
+from diffusion.runner import power_of_two_buckets
+from diffusion.step import ALL_KINDS
 
 from service.engine.decode import DecodeQueue, DecodeWork
 from service.engine.job import GenerationSpec, Job
@@ -92,8 +94,9 @@ class StepTimer:
         ev.record()
         return ev
 
-    def stop(self, rows: int, started) -> list[tuple[int, float]]:
-        """Record the end of an iteration; every (rows, seconds) whose end has passed by now."""
+    def stop(self, rows, started) -> list[tuple[object, float]]:
+        """Record the end of an iteration (``rows``: what to report with it); every (rows, seconds)
+        whose end has passed by now."""
         if not self.cuda:
             return [(rows, time.perf_counter() - started)]
         end = torch.cuda.Event(enable_timing=True)
@@ -201,11 +204,45 @@ class ModelBatch:
         whose timing is in."""
         limit = latency_rows if latency_rows and self.runner.table.urgent else None
         rows = self.rows if limit is None else min(self.rows, max(limit, self.runner.table.urgent))
+        net = rows * (2 if self.runner.table.flags(rows)["guided"] and self.runner.null_cond is not None else 1)
         if self.threads is not None:
-            self.threads.apply(rows * (2 if self.runner.table.flags(rows)["guided"] else 1))
+            self.threads.apply(net)
         started = self.timer.start()
         finished = self.runner.step(limit)
-        return rows, finished, self.timer.stop(rows, started)
+        return rows, finished, self.timer.stop((rows, net), started)
+
+    @torch.no_grad()
+    def calibrate(self, budget_s: float) -> list[tuple[int, float]]:
+        """(network rows, seconds) of iterations timed on the empty table at 1, 2, 4, … rows (guided
+        when the model can be), until about ``budget_s`` is spent; the iteration's variant is the
+        one a full batch runs (compiled or captured where accelerated)."""
+        runner, table = self.runner, self.runner.table
+        if len(table) or budget_s <= 0:
+            return []
+        guided = runner.null_cond is not None and table.state.uncond is not None
+        cuda = torch.device(self.model.device).type == "cuda"
+        out, spent = [], 0.0
+        for b in power_of_two_buckets(table.capacity):
+            b = runner.bucket(b) if runner.padded else b
+            net = b * (2 if guided else 1)
+            if self.threads is not None:
+                self.threads.apply(net)
+            times = []
+            for _ in range(2):  # the first one pays for allocations
+                started = time.perf_counter()
+                replay = runner.graphs.get((b, guided, False))
+                if replay is not None:
+                    replay()
+                else:
+                    runner._run(b, kinds=ALL_KINDS, guided=guided, dynamic=False, noise=True, edit=True)
+                if cuda:
+                    torch.cuda.synchronize(self.model.device)
+                times.append(time.perf_counter() - started)
+            out.append((net, times[-1]))
+            spent += sum(times)
+            if spent >= budget_s or 4 * times[-1] > budget_s:
+                break
+        return out
 
     @torch.no_grad()
     def retire(self, handles: list[int]) -> None:

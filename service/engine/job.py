@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from concurrent.futures import Future, InvalidStateError
 from collections.abc import Callable
@@ -30,6 +31,17 @@ class EngineClosed(EngineError):
 
 class DeadlineExceeded(EngineError):
     """The request's deadline passed before its images were done."""
+
+
+class Refused(EngineError):
+    """The request cannot finish by its deadline, even if it started now (the cost model's
+    prediction): refused at once instead of accepted and timed out."""
+
+    def __init__(self, predicted_s: float, deadline_s: float, retry_after_s: float):
+        retry = max(1, math.ceil(retry_after_s))
+        super().__init__(f"cannot finish within its deadline: predicted {predicted_s:.1f} s against {deadline_s:.1f} s "
+                         f"left; retry in about {retry} s, or give a longer timeout_s")
+        self.predicted_s, self.deadline_s, self.retry_after_s = predicted_s, deadline_s, retry
 
 
 class GenerationFailed(EngineError):
@@ -65,6 +77,7 @@ class GenerationSpec:
     size: tuple[int, int] | None = None  # (height, width) of the images; None: the model's native size
     shape: tuple[int, int, int] | None = None  # the sample shape of that size; None: the model's native one
     preview_decode: bool = False  # previews decoded in full (a latent model's VAE) instead of the cheap map
+    timeout_s: float | None = 120.0  # its deadline, from submission; None: no deadline (bulk work)
 
     @property
     def num_images(self) -> int:
@@ -110,8 +123,10 @@ _ids = itertools.count(1)
 class Job:
     """A submitted request: its spec, timing, the rows done so far and the future its caller awaits."""
     spec: GenerationSpec
-    deadline: float  # time.monotonic() after which the engine drops it
+    deadline: float  # time.monotonic() after which the engine drops it (inf: no deadline)
     work: int = 0  # model evaluations per image (its plan's)
+    network_rows: int = 0  # rows it adds to a forward pass (a guided image counts twice)
+    predicted_s: float | None = None  # admitted: the cost model's predicted seconds to finish
     id: int = field(default_factory=lambda: next(_ids))
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)

@@ -17,12 +17,34 @@ models are independent. Within a model, the :class:`Policy` orders admission:
 
 The engine also steps a model's latency-sensitive rows in every iteration ahead of bulk ones, and
 may cap the rows of an iteration while they are in flight (``Engine(latency_rows=...)``).
+
+**Goodput** (``Policy.goodput``, on by default; it needs a :class:`~service.engine.costs.CostModel`
+that has measured the model): a request is worth its rows only if it is answered by its deadline.
+So, on top of the above:
+
+- waiting requests with a deadline go before those without one, earliest deadline first within
+  each latency class (arrival order breaks ties; the starvation bound still comes first);
+- a waiting request is admitted only when, with its rows added, the predicted engine iteration is
+  short enough that it AND every running request with a deadline still finish by their deadlines
+  (predicted finish × ``margin``); a running request already predicted late does not block others;
+- a model's rows stay within the cost model's knee (the network rows past which more rows stop
+  raising images/s), unless the model has nothing else in flight;
+- a request that cannot meet its deadline even if admitted now (its predicted finish beside what
+  runs, or after what runs has drained, whichever is sooner, is past its deadline) is refused at
+  once, with a retry delay from the predicted backlog, rather than accepted and then timed out; one
+  that still can waits;
+- requests without a deadline (bulk work) fill what deadline work leaves: they are ordered last,
+  and deadline requests are admitted as if they were not there (the engine steps bulk rows only
+  within the knee while deadline rows are in flight: they yield).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from service.engine.costs import CostModel
 
 ORDERS = ("short-first", "fifo")
 
@@ -37,10 +59,21 @@ class Ticket:
     expired: bool = False
     work: int = 0  # model evaluations per image (NFE)
     waited_s: float = 0.0
+    deadline_s: float | None = None  # seconds left until its deadline; None: no deadline (bulk work)
+    remaining: int | None = None  # evaluations per image still to make (default: work)
+    net_rows: int | None = None  # rows of the forward pass (a guided image counts twice; default: rows)
 
     @property
     def dead(self) -> bool:
         return self.cancelled or self.expired
+
+    @property
+    def left(self) -> int:
+        return self.work if self.remaining is None else self.remaining
+
+    @property
+    def network(self) -> int:
+        return self.rows if self.net_rows is None else self.net_rows
 
 
 @dataclass(frozen=True)
@@ -49,6 +82,8 @@ class Policy:
     short_work: int = 25  # at most this many evaluations per image: latency-sensitive
     reserve_rows: int = 0  # rows per model that only latency-sensitive requests may take
     starvation_s: float = 30.0  # waited this long: first in line, whatever its size
+    goodput: bool = True  # admit by predicted finish against deadlines (needs a measured cost model)
+    margin: float = 1.1  # a predicted finish times this must be within the deadline to admit
 
     def __post_init__(self):
         if self.order not in ORDERS:
@@ -63,31 +98,129 @@ class Plan:
     admit: list[int] = field(default_factory=list)  # waiting keys to start now, in order
     drop_waiting: list[int] = field(default_factory=list)  # waiting keys to remove (cancelled or expired)
     drop_running: list[int] = field(default_factory=list)  # running keys whose rows leave now
+    refuse: list[tuple[int, float, float]] = field(default_factory=list)  # (waiting key, predicted s, retry s)
+    predicted: dict[int, float] = field(default_factory=dict)  # admitted key -> predicted seconds to finish
 
 
-def plan(waiting: Sequence[Ticket], running: Iterable[Ticket], max_rows: int, policy: Policy = Policy()) -> Plan:
-    """Decide one iteration's admissions and drops. ``waiting`` is in arrival order; ``running`` are
-    the requests in flight."""
+def plan(waiting: Sequence[Ticket], running: Iterable[Ticket], max_rows: int, policy: Policy = Policy(),
+         costs: CostModel | None = None) -> Plan:
+    """Decide one iteration's admissions, refusals and drops. ``waiting`` is in arrival order;
+    ``running`` are the requests in flight; ``costs`` predicts iterations (goodput, module docstring)."""
     out = Plan()
     rows: dict[str, int] = {}
+    load = _Load(costs if policy.goodput else None, max_rows)
+    live: list[Ticket] = []
     for t in running:
         if t.dead:
             out.drop_running.append(t.key)
         else:
             rows[t.model] = rows.get(t.model, 0) + t.rows
+            load.add(t)
+            live.append(t)
     alive = []
     for t in waiting:
         (out.drop_waiting if t.dead else alive).append(t.key if t.dead else t)
-    if policy.order == "short-first":  # stable: arrival order within each class
-        alive.sort(key=lambda t: (t.waited_s < policy.starvation_s, not policy.short(t)))
+    alive.sort(key=lambda t: _order(t, policy, load.active))  # stable: arrival order breaks ties
     blocked: set[str] = set()
     for t in alive:
         if t.model in blocked:
             continue
         limit = max_rows if policy.short(t) else max_rows - policy.reserve_rows
-        if rows.get(t.model, 0) + t.rows <= limit:
+        verdict = load.judge(t, margin=policy.margin) if load.measures(t.model) else "admit"
+        if verdict == "refuse":
+            out.refuse.append((t.key, load.earliest_finish(t), load.backlog_s(t.model)))
+            continue
+        if verdict == "admit" and rows.get(t.model, 0) + t.rows <= limit:
             out.admit.append(t.key)
             rows[t.model] = rows.get(t.model, 0) + t.rows
+            if load.measures(t.model):
+                out.predicted[t.key] = load.finish_if_admitted(t)
+            load.add(t)
         elif policy.order == "fifo" or t.waited_s >= policy.starvation_s:
             blocked.add(t.model)  # it goes next: nobody overtakes it
     return out
+
+
+def _order(t: Ticket, policy: Policy, goodput: bool) -> tuple:
+    starved = t.waited_s >= policy.starvation_s
+    if policy.order == "fifo":
+        return (0,)
+    if not goodput:
+        return (not starved, not policy.short(t))
+    return (not starved, not policy.short(t), t.deadline_s is None,
+            t.deadline_s if t.deadline_s is not None else 0.0)
+
+
+class _Load:
+    """What is in flight, in the cost model's terms: network rows per model (those of requests with a
+    deadline apart), and the requests with deadlines that an admission must not make late."""
+
+    def __init__(self, costs: CostModel | None, max_rows: int):
+        self.costs, self.max_rows = costs, max_rows
+        self.all: dict[str, int] = {}  # model -> network rows of every request
+        self.urgent: dict[str, int] = {}  # model -> network rows of requests with a deadline
+        self.deadlines: list[Ticket] = []
+        self.longest: dict[str, int] = {}  # model -> most evaluations left of a request in flight
+
+    @property
+    def active(self) -> bool:
+        return self.costs is not None
+
+    def measures(self, model: str) -> bool:
+        return self.costs is not None and self.costs.known(model)
+
+    def add(self, t: Ticket) -> None:
+        self.all[t.model] = self.all.get(t.model, 0) + t.network
+        if t.deadline_s is not None:
+            self.urgent[t.model] = self.urgent.get(t.model, 0) + t.network
+            self.deadlines.append(t)
+        self.longest[t.model] = max(self.longest.get(t.model, 0), t.left)
+
+    def _rows(self, t: Ticket) -> dict[str, int]:
+        """Network rows per model that the iteration t joins would step for t's sake: with a
+        deadline, the deadline rows (bulk rows yield); without one, every row."""
+        return dict(self.urgent if t.deadline_s is not None else self.all)
+
+    def iteration_s(self, rows: dict[str, int]) -> float:
+        return self.costs.iteration_s(rows)
+
+    def finish_if_admitted(self, t: Ticket) -> float:
+        rows = self._rows(t)
+        rows[t.model] = rows.get(t.model, 0) + t.network
+        return t.left * self.iteration_s(rows)
+
+    def earliest_finish(self, t: Ticket) -> float:
+        """The sooner of two predictions: joining now (beside what runs), or once the model's rows in
+        flight have drained (then beside nothing of its model). Later requests are not counted: the
+        optimistic case, so that only what cannot make it in any order is refused."""
+        now = self.finish_if_admitted(t)
+        rows = self._rows(t)
+        drain = self.longest.get(t.model, 0) * self.iteration_s(rows)
+        rows[t.model] = t.network
+        return min(now, drain + t.left * self.iteration_s(rows))
+
+    def backlog_s(self, model: str) -> float:
+        """Seconds until what is in flight for ``model`` has drained (a retry's sensible delay)."""
+        return self.longest.get(model, 0) * self.iteration_s(self.all)
+
+    def judge(self, t: Ticket, margin: float) -> str:
+        """"admit", "wait" or "refuse" (module docstring)."""
+        rows = self._rows(t)
+        before = self.iteration_s(rows)
+        in_model = rows.get(t.model, 0)
+        if in_model and in_model + t.network > self.costs.knee(t.model, 2 * self.max_rows):
+            knee_blocks = True
+        else:
+            knee_blocks = False
+        rows[t.model] = in_model + t.network
+        after = self.iteration_s(rows)
+        if t.deadline_s is not None:
+            if self.earliest_finish(t) > t.deadline_s:
+                return "refuse"
+            if t.left * after * margin > t.deadline_s:
+                return "wait"
+        for j in self.deadlines:
+            still_on_time = j.left * before * margin <= j.deadline_s
+            if still_on_time and j.left * after * margin > j.deadline_s:
+                return "wait"
+        return "wait" if knee_blocks else "admit"
