@@ -67,7 +67,7 @@ def is_model_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "config.json").is_file())
 
 
-def _json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing ({what})")
     try:
@@ -118,7 +118,7 @@ def schedule_from_config(cfg: dict, where: Path) -> Schedule:
 
 
 # --- weights ------------------------------------------------------------------------------------
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -133,16 +133,16 @@ def read_weights(folder: Path, stem: str = WEIGHTS, pickled_ok: bool = True) -> 
     the only one; module docstring). ``pickled_ok=False``: safetensors only."""
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
         if (folder / name).is_file():
-            return _read_safetensors(folder / name), folder / name
+            return read_safetensors(folder / name), folder / name
     for name in (f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors.index.json"):
         index = folder / name
         if index.is_file():
-            shards = sorted(set(_json(index, "sharded weights").get("weight_map", {}).values()))
+            shards = sorted(set(read_json(index, "sharded weights").get("weight_map", {}).values()))
             if not shards:
                 raise CheckpointError(f"{index}: no weight_map")
             tensors: dict[str, torch.Tensor] = {}
             for shard in shards:
-                tensors.update(_read_safetensors(folder / shard))
+                tensors.update(read_safetensors(folder / shard))
             return tensors, index
     pickled = folder / f"{stem}.bin"
     if pickled.is_file() and not pickled_ok:
@@ -207,7 +207,7 @@ def _load_unet(unet_dir: Path, where: Path):
         from diffusers import UNet2DModel
     except ImportError as e:
         raise CheckpointError(f"{where}: a diffusers folder needs the diffusers package: {INSTALL}") from e
-    cfg = _json(unet_dir / "config.json", "the UNet2DModel config")
+    cfg = read_json(unet_dir / "config.json", "the UNet2DModel config")
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise CheckpointError(f"{unet_dir / 'config.json'}: the network is a {cfg.get('_class_name')}, not a "
                               "UNet2DModel (only pixel-space UNet2DModel networks are served)")
@@ -225,7 +225,7 @@ def _load_unet(unet_dir: Path, where: Path):
 def _layout(folder: Path) -> tuple[Path, Path, str, dict]:
     """(unet folder, scheduler config, layout, provenance) of a diffusers folder."""
     if (folder / "model_index.json").is_file():
-        index = _json(folder / "model_index.json", "the pipeline index")
+        index = read_json(folder / "model_index.json", "the pipeline index")
         latent = sorted(k for k in ("vae", "vqvae", "text_encoder", "transformer") if index.get(k))
         if latent:  # Stable Diffusion-family folders are read by diffusion.sd_format
             raise UnsupportedModel(f"{folder}: a {index.get('_class_name', 'pipeline')} with {', '.join(latent)}: "
@@ -241,7 +241,7 @@ def _metadata(folder: Path) -> dict:
     path = folder / METADATA
     if not path.is_file():
         return {}
-    meta = _json(path, "this service's model metadata")
+    meta = read_json(path, "this service's model metadata")
     unknown = set(meta) - METADATA_FIELDS
     if unknown:
         raise CheckpointError(f"{path}: unknown fields {sorted(unknown)}; known: {sorted(METADATA_FIELDS)}")
@@ -270,7 +270,7 @@ def load_folder(folder: str | Path, device: torch.device | str = "cpu"):
 
     folder = Path(folder)
     unet_dir, sched_path, layout, provenance = _layout(folder)
-    sched_cfg = _json(sched_path, "the scheduler config")
+    sched_cfg = read_json(sched_path, "the scheduler config")
     schedule = schedule_from_config(sched_cfg, sched_path)
     prediction = PREDICTIONS.get(sched_cfg.get("prediction_type", "epsilon"))
     if prediction is None:

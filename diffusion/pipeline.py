@@ -25,7 +25,7 @@ them (:func:`diffusion.imaging.image_tensor`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -126,9 +126,10 @@ class Pipeline:
         known condition costs neither an encoder pass nor a host-device round trip)."""
         return self.conditions.get(c)
 
-    def encode_conditions(self, conditions: Sequence[Condition]) -> None:
-        """Encode every one of ``conditions`` not cached yet, in one batch (before admitting requests)."""
-        self.conditions.fill(list(conditions))
+    def encode_conditions(self, conditions: Sequence[Condition]) -> dict[Condition, torch.Tensor | None]:
+        """The vectors of ``conditions``, those not cached yet encoded in one batch (before admitting
+        requests: hand them to :meth:`row_request`, which then never encodes one alone)."""
+        return self.conditions.fill(list(conditions))
 
     # --- the network --------------------------------------------------------------------------
     def net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
@@ -180,14 +181,17 @@ class Pipeline:
                     guidance: float | None = None, clip: str | None = None, percentile: float = 0.995,
                     spacing: str | None = None, *, x_T: torch.Tensor | None = None, image: torch.Tensor | None = None,
                     mask: torch.Tensor | None = None, strength: float = 1.0, jump_length: int = 0,
-                    jump_n_sample: int = 1, negative: Condition | None = None, **options) -> RowRequest:
+                    jump_n_sample: int = 1, negative: Condition | None = None,
+                    vectors: Mapping[Condition, torch.Tensor | None] | None = None, **options) -> RowRequest:
         """One image in the runner's terms, with the model's defaults filled in (steps, guidance,
         clipping, and the sampler options the model's format implies). ``image`` and ``mask`` are in
-        sample space (:meth:`edit_inputs`); ``negative``: a negative prompt's condition (:meth:`negative`)."""
+        sample space (:meth:`edit_inputs`); ``negative``: a negative prompt's condition (:meth:`negative`);
+        ``vectors``: conditions already encoded (:meth:`encode_conditions`)."""
         get_sampler(scheduler)
         card = self.card
-        cond = self.cond_vector(condition)
-        uncond = None if negative is None else self.cond_vector(negative)
+        vectors = vectors or {}
+        cond = vectors[condition] if condition in vectors else self.cond_vector(condition)
+        uncond = None if negative is None else vectors[negative] if negative in vectors else self.cond_vector(negative)
         guidance = card.default_guidance if guidance is None else guidance
         self.check_guidance(guidance)
         options = {**card.sampler_defaults.get(scheduler, {}), **options}

@@ -153,6 +153,23 @@ class Runner:
         self.iterations += 1
         return self.table.advance(b)
 
+    @property
+    def can_guide(self) -> bool:
+        """Whether an iteration may be guided (the model has a null condition)."""
+        return self.null_cond is not None and self.table.state.uncond is not None
+
+    @torch.no_grad()
+    def run_inert(self, b: int, guided: bool) -> None:
+        """One iteration over the first ``b`` slots of an empty table (inert: nothing changes), as a
+        batch of that size would run it (its CUDA graph replayed where captured): for timing it."""
+        if len(self.table):
+            raise RuntimeError("an inert iteration needs the empty table")
+        replay = self.graphs.get((b, guided, False))
+        if replay is not None:
+            replay()
+        else:
+            self._run(b, kinds=ALL_KINDS, guided=guided, dynamic=False, noise=True, edit=True)
+
     def variants(self) -> list[tuple[int, bool, bool]]:
         """(bucket, guided, dynamic) of every iteration a padded runner may run."""
         guided = (False, True) if self.null_cond is not None else (False,)

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from diffusion.checkpoint import CheckpointError, UnsupportedModel
-from diffusion.diffusers_format import INSTALL, PREDICTIONS, _json, _read_safetensors, load_module, schedule_from_config
+from diffusion.diffusers_format import INSTALL, PREDICTIONS, load_module, read_json, read_safetensors, schedule_from_config
 from diffusion.models.card import ModelCard
 
 log = logging.getLogger("diffusion.sd_format")
@@ -63,14 +63,14 @@ def is_latent_folder(path: Path) -> bool:
     if not index.is_file():
         return False
     try:
-        data = _json(index, "the pipeline index")
+        data = read_json(index, "the pipeline index")
     except CheckpointError:
         return False
     return any(data.get(k) for k in ("vae", "vqvae", "transformer"))
 
 
 def _index(folder: Path) -> tuple[dict, str]:
-    index = _json(folder / "model_index.json", "the pipeline index")
+    index = read_json(folder / "model_index.json", "the pipeline index")
     cls = index.get("_class_name", "?")
     if cls not in PIPELINES:
         raise UnsupportedModel(f"{folder}: a {cls} is not served (served: {', '.join(PIPELINES)})")
@@ -113,7 +113,7 @@ def _text_encoder(folder: Path, cls, dtype: torch.dtype):
 
     transformers_logging.disable_progress_bar()  # a service's log is no terminal
     if present[0].endswith(".safetensors"):
-        _read_safetensors(folder / present[0])  # a truncated file is named here, before transformers reads it
+        read_safetensors(folder / present[0])  # a truncated file is named here, before transformers reads it
     try:
         model, info = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, variant=variant,
                                           output_loading_info=True)
@@ -138,7 +138,7 @@ def _tokenizer(folder: Path):
 
 def _metadata(folder: Path) -> dict:
     path = folder / METADATA
-    meta = _json(path, "this service's model metadata") if path.is_file() else {}
+    meta = read_json(path, "this service's model metadata") if path.is_file() else {}
     unknown = set(meta) - METADATA_FIELDS
     if unknown:
         raise CheckpointError(f"{path}: unknown fields {sorted(unknown)}; known: {sorted(METADATA_FIELDS)}")
@@ -155,26 +155,40 @@ def _metadata(folder: Path) -> dict:
 def load_folder(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """(model, provenance) of a Stable Diffusion–family pipeline folder (module docstring)."""
     try:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
     except ImportError as e:
         raise CheckpointError(f"{folder}: a Stable Diffusion folder needs diffusers and transformers: {INSTALL}") from e
-    from diffusion.models.latent import LatentDiffusion, TextTower
+    from diffusion.models.latent import LatentDiffusion
 
     folder = Path(folder)
     index, family = _index(folder)
     for name in NOT_RUN:
         if index.get(name) and index[name][0] is not None:
             log.info("%s: its %s component is not loaded and not run", folder, name)
-    dt = _dtype(torch.device(device), dtype)
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    sched_cfg = _json(sched_path, "the scheduler config")
-    schedule = schedule_from_config(sched_cfg, sched_path)
-    prediction = PREDICTIONS.get(sched_cfg.get("prediction_type", "epsilon"))
-    if prediction not in ("epsilon", "v"):
-        raise UnsupportedModel(f"{sched_path}: prediction_type {sched_cfg.get('prediction_type')!r}; ε and v are served")
-    unet_cfg = _json(folder / "unet" / "config.json", "the UNet2DConditionModel config")
-    vae_cfg = _json(folder / "vae" / "config.json", "the AutoencoderKL config")
+    sched_cfg = read_json(sched_path, "the scheduler config")
+    unet_cfg = read_json(folder / "unet" / "config.json", "the UNet2DConditionModel config")
+    vae_cfg = read_json(folder / "vae" / "config.json", "the AutoencoderKL config")
+    _check_unet(folder, index, family, unet_cfg, vae_cfg)
+    unet, vae, towers, unet_file = _components(folder, family, unet_cfg, vae_cfg, _dtype(torch.device(device), dtype))
+    card = _card(folder, index, family, sched_path, sched_cfg, unet_cfg, vae_cfg, unet, vae, towers)
+    model = LatentDiffusion(unet.eval().requires_grad_(False), vae.eval().requires_grad_(False), towers, card,
+                            scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
+                            latents_mean=vae_cfg.get("latents_mean"), latents_std=vae_cfg.get("latents_std"),
+                            time_ids=family == "sdxl").to(device)
+    rms = model.fit_preview()
+    log.info("%s: preview map fitted to the VAE's decoder (RMS error %.3f in [-1, 1])", folder, rms)
+    provenance = {"format": "diffusers pipeline folder", "pipeline": index.get("_class_name"), "path": str(folder),
+                  "diffusers_version": index.get("_diffusers_version"), "weights": f"unet/{unet_file.name}",
+                  "scheduler": sched_cfg.get("_class_name"), "dtype": str(model.dtype).replace("torch.", ""),
+                  "date": _dt.datetime.fromtimestamp(unet_file.stat().st_mtime, _dt.timezone.utc)
+                  .isoformat(timespec="seconds")}
+    return model, provenance
+
+
+def _check_unet(folder: Path, index: dict, family: str, unet_cfg: dict, vae_cfg: dict) -> None:
+    """UnsupportedModel for a UNet this adapter does not drive."""
     latent = int(vae_cfg.get("latent_channels", 4))
     if unet_cfg.get("in_channels") != latent or unet_cfg.get("out_channels", latent) != latent:
         raise UnsupportedModel(f"{folder / 'unet' / 'config.json'}: a UNet of {unet_cfg.get('in_channels')} input "
@@ -182,15 +196,24 @@ def load_folder(folder: str | Path, device: torch.device | str = "cpu", dtype: t
     for key in ("time_cond_proj_dim", "class_embed_type", "encoder_hid_dim_type"):
         if unet_cfg.get(key) is not None:
             raise UnsupportedModel(f"{folder / 'unet' / 'config.json'}: {key} {unet_cfg[key]!r} is not served")
-    sdxl = unet_cfg.get("addition_embed_type") == "text_time"
-    if sdxl != (family == "sdxl"):
+    if (unet_cfg.get("addition_embed_type") == "text_time") != (family == "sdxl"):
         raise UnsupportedModel(f"{folder / 'unet' / 'config.json'}: addition_embed_type "
                                f"{unet_cfg.get('addition_embed_type')!r} in a {index['_class_name']}")
+
+
+def _components(folder: Path, family: str, unet_cfg: dict, vae_cfg: dict, dt: torch.dtype):
+    """(unet, vae, text towers, the UNet's weights file), every tensor checked against its config."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffusion.models.latent import TextTower
+
+    sdxl = family == "sdxl"
     unet, unet_file = load_module(folder / "unet", UNet2DConditionModel, unet_cfg, pickled_ok=False, dtype=dt)
     vae, _ = load_module(folder / "vae", AutoencoderKL, vae_cfg, pickled_ok=False, dtype=dt)
     towers = [TextTower(_tokenizer(folder / "tokenizer"), _text_encoder(folder / "text_encoder", CLIPTextModel, dt),
                         penultimate=sdxl, pooled=False)]
-    if family == "sdxl":
+    if sdxl:
         towers.append(TextTower(_tokenizer(folder / "tokenizer_2"),
                                 _text_encoder(folder / "text_encoder_2", CLIPTextModelWithProjection, dt),
                                 penultimate=True, pooled=True))
@@ -200,18 +223,29 @@ def load_folder(folder: str | Path, device: torch.device | str = "cpu", dtype: t
                               f"{unet_cfg.get('cross_attention_dim')} for text encoders of width {width}")
     if len({t.length for t in towers}) != 1:
         raise CheckpointError(f"{folder}: the tokenizers pad to different lengths {[t.length for t in towers]}")
+    return unet, vae, towers, unet_file
+
+
+def _card(folder: Path, index: dict, family: str, sched_path: Path, sched_cfg: dict, unet_cfg: dict, vae_cfg: dict,
+          unet, vae, towers) -> ModelCard:
+    schedule = schedule_from_config(sched_cfg, sched_path)
+    prediction = PREDICTIONS.get(sched_cfg.get("prediction_type", "epsilon"))
+    if prediction not in ("epsilon", "v"):
+        raise UnsupportedModel(f"{sched_path}: prediction_type {sched_cfg.get('prediction_type')!r}; ε and v are served")
     scale = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
     size = unet_cfg.get("sample_size") or 64
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     meta = _metadata(folder)
+    width = sum(int(t.encoder.config.hidden_size) for t in towers)
     pooled = sum(int(t.encoder.config.projection_dim) for t in towers if t.pooled)
     zeros = family == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True))
     try:
-        card = ModelCard(
-            image_shape=(3, h * scale, w * scale), sample_shape=(latent, h, w), scale=scale, resizable=True,
-            schedule=schedule, prediction=prediction, text_conditional=True, cond_dim=towers[0].length * width + pooled,
-            guidable=True, max_prompt_tokens=towers[0].length - 2, default_steps=int(meta["default_steps"]),
-            default_guidance=float(meta["default_guidance"]), default_scheduler=str(meta["default_scheduler"]),
+        return ModelCard(
+            image_shape=(3, h * scale, w * scale), sample_shape=(int(vae_cfg.get("latent_channels", 4)), h, w),
+            scale=scale, resizable=True, schedule=schedule, prediction=prediction, text_conditional=True,
+            cond_dim=towers[0].length * width + pooled, guidable=True, max_prompt_tokens=towers[0].length - 2,
+            default_steps=int(meta["default_steps"]), default_guidance=float(meta["default_guidance"]),
+            default_scheduler=str(meta["default_scheduler"]),
             parameters=sum(p.numel() for m in (unet, vae, *(t.encoder for t in towers)) for p in m.parameters()),
             architecture=("SDXL" if family == "sdxl" else "Stable Diffusion") + " (UNet2DConditionModel, AutoencoderKL)",
             source="diffusers pipeline folder", null_prompt="zeros" if zeros else "",
@@ -219,15 +253,3 @@ def load_folder(folder: str | Path, device: torch.device | str = "cpu", dtype: t
                                 f"{t.encoder.config.hidden_size})" for t in towers))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder}: {e}") from e
-    model = LatentDiffusion(unet.eval().requires_grad_(False), vae.eval().requires_grad_(False), towers, card,
-                            scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
-                            latents_mean=vae_cfg.get("latents_mean"), latents_std=vae_cfg.get("latents_std"),
-                            time_ids=sdxl).to(device)
-    rms = model.fit_preview()
-    log.info("%s: preview map fitted to the VAE's decoder (RMS error %.3f in [-1, 1])", folder, rms)
-    provenance = {"format": "diffusers pipeline folder", "pipeline": index.get("_class_name"), "path": str(folder),
-                  "diffusers_version": index.get("_diffusers_version"), "weights": f"unet/{unet_file.name}",
-                  "scheduler": sched_cfg.get("_class_name"), "dtype": str(dt).replace("torch.", ""),
-                  "date": _dt.datetime.fromtimestamp(unet_file.stat().st_mtime, _dt.timezone.utc)
-                  .isoformat(timespec="seconds")}
-    return model, provenance

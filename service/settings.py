@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     goodput: bool = Field(True, description="admit by deadline: a request joins only if it and every running one are "
                           "predicted to finish in time (an online cost model); one that cannot is refused at once "
                           "(503); batches stay within the cost model's knee")
-    calibrate_s: float = Field(3.0, ge=0, description="at start-up, seconds per model spent timing iterations to "
-                               "seed the cost model (0: learn from the first requests only)")
+    calibrate_s: float = Field(3.0, ge=0, description="seconds spent timing a model's iterations at its first request "
+                               "to seed the cost model (0: learn from the first iterations only)")
     max_images: int = Field(8, ge=1, description="num_images per request")
     max_steps: int = Field(1000, ge=1, description="steps per request (also at most the model's T)")
     max_prompt_chars: int = Field(300, ge=1, description="prompt length in characters (tokens: the model's own limit)")

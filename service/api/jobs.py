@@ -13,7 +13,7 @@ from service.engine import Engine, EngineClosed, GenerationResult, GenerationSpe
 from service.settings import Settings
 
 
-def submit(engine: Engine, spec: GenerationSpec, settings: Settings, listener=None) -> Job:
+def submit(engine: Engine, spec: GenerationSpec, listener=None) -> Job:
     try:
         return engine.submit(spec, spec.timeout_s, listener)
     except QueueFull as e:

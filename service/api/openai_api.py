@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import re
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from service import render
 from service.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep, require_key
@@ -40,7 +41,8 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 ERRORS = {status: {"model": OpenAIErrorResponse, "description": text} for status, text in {
     400: "Invalid request: the parameter is named in error.param", 401: "API keys are configured and none valid "
     "was given", 404: "Unknown model", 413: "An image (or the body) over the service's byte limit",
-    429: "Queue full; see Retry-After", 503: "Not ready or shutting down", 504: "The request's deadline passed"}.items()}
+    429: "Queue full; see Retry-After", 503: "Not ready, shutting down, or predicted to miss its deadline (refused at "
+    "once; see Retry-After)", 504: "The request's deadline passed"}.items()}
 
 
 def image_size(shape) -> str:
@@ -76,16 +78,21 @@ def native(req: ImageGenerationRequest | ImageEditRequest | ImageVariationReques
         if not card.resizable:
             raise invalid("size", f"Invalid value for 'size': '{req.size}'. Model '{name}' makes {size} images only "
                           f"(or use 'auto').")
-        w, sep, h = str(req.size).partition("x")
-        if not (sep and w.isdigit() and h.isdigit()):
+        match = re.fullmatch(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", str(req.size))
+        if match is None:
             raise invalid("size", f"Invalid value for 'size': '{req.size}'. Use WIDTHxHEIGHT (e.g. {size}) or 'auto'.")
         if "width" in fields or "height" in fields:
             raise invalid("size", "Give size or width/height, not both.")
-        fields.update(width=int(w), height=int(h))
-        size = f"{int(w)}x{int(h)}"
+        fields.update(width=int(match[1]), height=int(match[2]))
+        size = f"{int(match[1])}x{int(match[2])}"
     elif "width" in fields or "height" in fields:
         size = f"{fields.get('width', card.image_shape[2])}x{fields.get('height', card.image_shape[1])}"
-    body = GenerateRequest.model_validate(fields)
+    try:
+        body = GenerateRequest.model_validate(fields)
+    except ValidationError as e:  # a value OpenAI's schema lets through that ours does not (width 0, …)
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "body"
+        raise invalid(field, f"Invalid value for '{field}': {err['msg']}.") from None
     return body, size
 
 
@@ -124,12 +131,12 @@ async def _serve(req, request: Request, settings: Settings, registry: ModelRegis
         size = f"{spec.size[1]}x{spec.size[0]}"
     if body.stream:
         buffer = EventBuffer(asyncio.get_running_loop(), settings.preview_buffer, previews)
-        job = submit(engine, spec, settings, buffer.listener)
+        job = submit(engine, spec, buffer.listener)
         metrics.streamed(spec.model)
         info["stream"] = True
         return EventStream(_events(engine, job, buffer, request, settings, metrics, size, protocol))
 
-    job = submit(engine, spec, settings)
+    job = submit(engine, spec)
     result = await wait(engine, job, request, settings)
     if result is None:
         info["status"] = 499

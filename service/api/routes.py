@@ -30,7 +30,8 @@ ERRORS = {401: {"model": ErrorResponse, "description": "API keys are configured 
           413: {"model": ErrorResponse, "description": "An image (or the body) over the service's byte limit"},
           422: {"model": ErrorResponse, "description": "Invalid fields, each named with the reason"},
           429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
-          503: {"model": ErrorResponse, "description": "Not ready or shutting down; see Retry-After"},
+          503: {"model": ErrorResponse, "description": "Not ready, shutting down, or predicted to miss its deadline "
+                "(refused at once, not accepted and timed out); see Retry-After"},
           504: {"model": ErrorResponse, "description": "The request's deadline passed"}}
 
 
@@ -71,12 +72,12 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     info.update(steps=spec.steps, scheduler=spec.scheduler)
     if stream:
         buffer = EventBuffer(asyncio.get_running_loop(), settings.preview_buffer, previews)
-        job = submit(engine, spec, settings, buffer.listener)
+        job = submit(engine, spec, buffer.listener)
         info["stream"] = True
         metrics.streamed(spec.model)
         return EventStream(_events(engine, job, buffer, request, settings, metrics, start))
 
-    job = submit(engine, spec, settings)
+    job = submit(engine, spec)
     result = await wait(engine, job, request, settings)
     if result is None:
         info["status"] = 499  # nobody is listening; logged as such

@@ -40,6 +40,7 @@ class CostModel:
     knee_gain: float = 1.05  # doubling rows must raise images/s at least this much (5 %) to be worth it
     estimates: dict[str, dict[int, float]] = field(default_factory=dict)  # model -> bucket -> seconds
     counts: dict[str, dict[int, int]] = field(default_factory=dict)
+    aliases: dict[str, tuple[str, float]] = field(default_factory=dict)  # model -> (base model, row factor)
 
     def observe(self, model: str, rows: int, seconds: float) -> None:
         """One measured iteration of ``model`` with ``rows`` network rows."""
@@ -53,12 +54,18 @@ class CostModel:
         counts[b] = counts.get(b, 0) + 1
 
     def known(self, model: str) -> bool:
-        return bool(self.estimates.get(model))
+        if self.estimates.get(model):
+            return True
+        base = self.aliases.get(model)
+        return base is not None and bool(self.estimates.get(base[0]))
 
     def cost(self, model: str, rows: int) -> float:
         """Predicted seconds of one iteration of ``model`` over ``rows`` network rows (0 for none;
         0 for a model never measured: nothing is known, nothing is refused)."""
         table = self.estimates.get(model)
+        if not table and model in self.aliases:
+            base, factor = self.aliases[model]
+            return self.cost(base, max(1, math.ceil(rows * factor))) if rows > 0 else 0.0
         if rows <= 0 or not table:
             return 0.0
         sizes = sorted(table)
@@ -72,6 +79,20 @@ class CostModel:
             return table[hi]
         return table[lo] + (table[hi] - table[lo]) * (rows - lo) / (hi - lo)
 
+    def best_rate(self, model: str) -> float:
+        """The most network-row evaluations per second any measured batch size reached (inf when
+        nothing is measured)."""
+        table = self.estimates.get(model)
+        if not table and model in self.aliases:
+            base, factor = self.aliases[model]
+            return self.best_rate(base) / factor
+        return max((n / s for n, s in table.items()), default=math.inf) if table else math.inf
+
+    def alias(self, model: str, base: str, factor: float) -> None:
+        """Until ``model`` is measured itself, predict it as ``base`` with ``factor`` times the rows
+        (another image size of a model: a row of it costs about its pixels' share)."""
+        self.aliases[model] = (base, float(factor))
+
     def iteration_s(self, rows: Mapping[str, int]) -> float:
         """Predicted seconds of one engine iteration with these network rows per model."""
         return sum(self.cost(m, n) for m, n in rows.items())
@@ -81,6 +102,9 @@ class CostModel:
         ``knee_gain`` in images/s (every larger size is compared, so one noisy measurement does not
         move it); ``largest`` where the largest measured size still pays (or nothing is measured),
         so that the batch may grow and be measured there."""
+        if not self.estimates.get(model) and model in self.aliases:
+            base, factor = self.aliases[model]
+            return max(1, int(self.knee(base, largest) / factor))
         measured = sorted(self.estimates.get(model, {}))
         if not measured:
             return largest

@@ -10,8 +10,9 @@ together. A chunk is at most ``chunk_rows`` rows (the engine sizes it from a pix
 ``decode_chunk_pixels`` / (H·W), at least one). With nothing else in flight, everything queued is
 decoded at once, chunk after chunk.
 
-Previews decoded in full (asked for per request) go through the same queue, so they obey the same
-bound; the cheap previews never come here. Rows of a request that has already ended (cancelled,
+Previews decoded in full (asked for per request) go through the same queue, after finished rows,
+so they obey the same bound and never delay a result; at most one per request waits. The cheap
+previews never come here. Rows of a request that has already ended (cancelled,
 failed, past its deadline) are skipped, never decoded. For a pixel-space model the decode is the
 identity and a chunk covers every row, so nothing waits.
 """
@@ -48,37 +49,51 @@ Decoder = Callable[[list[tuple[Job, int]], torch.Tensor], torch.Tensor]
 
 
 class DecodeQueue:
+    """Finished rows first, then previews; at most one preview per request waits (a newer one
+    replaces an older one not started yet: previews can be due faster than chunks are decoded)."""
+
     def __init__(self, decoder: Decoder, chunk_rows: int):
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         self.decoder, self.chunk_rows = decoder, int(chunk_rows)
-        self._work: deque[DecodeWork] = deque()
+        self._finals: deque[DecodeWork] = deque()
+        self._previews: deque[DecodeWork] = deque()
         self.chunks = 0  # decoder calls so far
 
     def put(self, work: DecodeWork) -> None:
-        self._work.append(work)
+        if work.preview is None:
+            self._finals.append(work)
+            return
+        job = work.owners[0][0]
+        self._previews = deque(w for w in self._previews if w.start or w.owners[0][0] is not job)
+        self._previews.append(work)
+
+    @property
+    def _work(self) -> list[DecodeWork]:
+        return [*self._finals, *self._previews]
 
     @property
     def rows(self) -> int:
         return sum(w.left for w in self._work)
 
     def __bool__(self) -> bool:
-        return bool(self._work)
+        return bool(self._finals or self._previews)
 
     def jobs(self) -> set[Job]:
         return {job for w in self._work for job, _ in w.owners[w.start:]}
 
     def clear(self) -> set[Job]:
         jobs = self.jobs()
-        self._work.clear()
+        self._finals.clear()
+        self._previews.clear()
         return jobs
 
     def step(self) -> list[tuple[list[tuple[Job, int]], torch.Tensor, tuple[int, int] | None]]:
-        """Decode one chunk (at most ``chunk_rows`` rows, from the front); what it completes: finished
-        rows as (owners, images, None), a preview once all its rows are decoded as (owners, images,
-        (done, total))."""
+        """Decode one chunk (at most ``chunk_rows`` rows, finished rows first); what it completes:
+        finished rows as (owners, images, None), a preview once all its rows are decoded as (owners,
+        images, (done, total))."""
         self._skip_ended()
-        if not self._work:
+        if not self:
             return []
         budget, taken = self.chunk_rows, []
         for w in self._work:
@@ -102,22 +117,20 @@ class DecodeQueue:
                 w.images.append(part)
                 if not w.left:
                     out.append((w.owners, torch.cat(w.images), w.preview))
-        while self._work and not self._work[0].left:
-            self._work.popleft()
+        for queue in (self._finals, self._previews):
+            while queue and not queue[0].left:
+                queue.popleft()
         return out
 
     def _skip_ended(self) -> None:
         """Drop the queued rows of requests that have ended (a preview: all of it)."""
-        kept: deque[DecodeWork] = deque()
-        for w in self._work:
+        finals: deque[DecodeWork] = deque()
+        for w in self._finals:
             alive = [j for j in range(w.start, len(w.owners)) if not w.owners[j][0].future.done()]
-            if w.preview is not None:
-                if len(alive) == w.left:
-                    kept.append(w)
-                continue
             if len(alive) == w.left:
-                kept.append(w)
+                finals.append(w)
             elif alive:
                 idx = to_device(torch.tensor(alive), w.samples.device)
-                kept.append(DecodeWork([w.owners[j] for j in alive], w.samples.index_select(0, idx)))
-        self._work = kept
+                finals.append(DecodeWork([w.owners[j] for j in alive], w.samples.index_select(0, idx)))
+        self._finals = finals
+        self._previews = deque(w for w in self._previews if not w.owners[0][0].future.done())

@@ -36,12 +36,12 @@ from typing import Protocol
 import torch
 
 from diffusion import Acceleration
+from service.engine.batches import Batches, network_rows
 from service.engine.costs import CostModel
 from service.engine.executor import Model, ModelBatch, Retired
 from service.engine.job import (DeadlineExceeded, EngineClosed, GenerationFailed, GenerationResult, GenerationSpec,
                                 Job, Preview, Progress, QueueFull, Refused)
 from service.engine.scheduler import Policy, Ticket, plan
-from service.engine.threads import CpuThreads, flops_per_row
 
 log = logging.getLogger("service.engine")
 
@@ -80,11 +80,11 @@ class Engine:
         pixels per decode chunk. ``calibrate_s``: seconds spent timing a model's iterations (at its
         first request, or a new size's) to seed the cost model; 0: the first iterations seed it."""
         self.models = dict(models)
-        self._cpu_threads, self._max_steps, self.decode_pixels = cpu_threads, max_steps, decode_pixels
+        self.costs = CostModel()  # seconds of an iteration per engine batch and network rows (measured)
+        self.calibrate_s = calibrate_s
         # batch key (the model's name, or name@WxH for another size) -> its rows
-        self.batches = {name: ModelBatch(m, max_rows, max_steps, accel, _threads(m, cpu_threads, m.card.sample_shape),
-                                         decode_pixels=decode_pixels)
-                        for name, m in models.items()}
+        self.batches = Batches(models, max_rows, max_steps, accel, cpu_threads, decode_pixels, self.costs)
+        self._backlog_s = 0.0  # the cost model's seconds until what runs has drained (Retry-After)
         self._retired: list[tuple[str, Retired]] = []  # finished rows whose images are on their way
         self.max_rows, self.max_queue = max_rows, max_queue
         self.policy = policy
@@ -97,8 +97,6 @@ class Engine:
         self._stop = False  # the worker exits
         self._thread: threading.Thread | None = None
         self._service_time_s = 1.0  # running mean of admitted -> done, for Retry-After
-        self.costs = CostModel()  # seconds of an iteration per model batch and network rows (measured)
-        self.calibrate_s = calibrate_s
         self.iterations = 0
 
     # --- the caller's side ------------------------------------------------------------------
@@ -112,14 +110,12 @@ class Engine:
         if spec.num_images > self.max_rows:
             raise ValueError(f"{spec.num_images} images exceed the {self.max_rows} rows of a forward pass")
         work = self.batches[spec.model].evaluations(spec)
-        card = self.models[spec.model].card
-        key = batch_key(spec, card.sample_shape)
-        net = spec.num_images * (2 if spec.guidance > 0 and card.guidable else 1)
+        key, net = self.batches.key(spec), self.batches.network_rows(spec)
         if timeout_s is not None and self.policy.goodput and self.costs.known(key):
             alone = work * self.costs.cost(key, net)
-            if alone > timeout_s:
+            if alone * self.policy.margin > timeout_s:  # even alone, on an idle engine
                 self.observer.refused(spec.model, "deadline")
-                raise Refused(alone, timeout_s, 1.0)
+                raise Refused(alone, timeout_s, self._backlog_s, alone=True)
         with self._cv:
             if self._closed:
                 raise EngineClosed("the service is shutting down")
@@ -156,7 +152,7 @@ class Engine:
 
     @property
     def rows_in_flight(self) -> int:
-        return sum(b.rows for b in self.batches.values())
+        return sum(b.rows for b in self.batches.values())  # (a snapshot: read from any thread)
 
     @property
     def running(self) -> bool:
@@ -173,27 +169,16 @@ class Engine:
         for batch in self.batches.values():
             batch.warm_up()
 
-    def calibrate(self, key: str, budget_s: float) -> None:
-        """Seed the cost model of one engine batch: its iteration timed at growing batch sizes (on its
-        empty table: inert rows, nothing changes), for at most about ``budget_s``."""
-        started = time.perf_counter()
-        for net, seconds in self.batches[key].calibrate(budget_s):
-            self.costs.observe(key, net, seconds)
-        log.info("model %s calibrated in %.1f s: iteration seconds by network rows %s", key,
-                 time.perf_counter() - started,
-                 {n: round(s, 4) for n, s in sorted(self.costs.estimates.get(key, {}).items())})
-
     def _calibrate_new(self, jobs) -> None:
-        """Batches that requests wait for and that nothing has measured yet are calibrated first."""
-        for job in jobs:
-            if self.costs.known(job.batch) or job.future.done():
+        """Models that requests wait for and that nothing has measured yet are calibrated first (at
+        their native size: other sizes are predicted from it)."""
+        for name in dict.fromkeys(j.spec.model for j in jobs):
+            if self.costs.known(name) or self.batches[name].busy:
                 continue
-            batch = self._batch(job)
-            if not batch.busy:
-                try:
-                    self.calibrate(job.batch, self.calibrate_s)
-                except Exception:  # measuring is never worth a request: the first iterations will
-                    log.exception("calibrating %s failed", job.batch)
+            try:
+                self.batches.calibrate(name, self.calibrate_s)
+            except Exception:  # measuring is never worth a request: the first iterations will
+                log.exception("calibrating %s failed", name)
 
     def _idle(self) -> bool:
         return not self._waiting and not any(b.busy for b in self.batches.values()) and not self._retired
@@ -209,6 +194,9 @@ class Engine:
                 self.iterate()
             except Exception:  # never let one bad iteration kill the worker
                 log.exception("engine iteration failed")
+            with self._cv:  # requests wait and nothing runs (their admission waits on time): no busy loop
+                if self._waiting and not any(b.busy for b in self.batches.values()) and not self._retired:
+                    self._cv.wait(0.02)
 
     def iterate(self) -> int:
         """One engine iteration over every model; returns the rows that went through a forward pass."""
@@ -228,23 +216,24 @@ class Engine:
             gone = set(decision.drop_waiting) | set(decision.admit) | set(refused)
             self._waiting = deque(j for j in self._waiting if j.id not in gone)
         for key in decision.drop_waiting:
-            _give_up(waiting[key], now)
+            _give_up(waiting[key], now, self.observer)
         for key, (predicted, retry) in refused.items():
             job = waiting[key]
             if job.finish(error=Refused(predicted, job.deadline - now, retry)):
                 self.observer.refused(job.spec.model, "deadline")
+        self._backlog_s = max((retry for _, retry in refused.values()), default=self._backlog_s if running else 0.0)
         for key, predicted in decision.predicted.items():
             waiting[key].predicted_s = predicted
         dropped = {running[k] for k in decision.drop_running}
         for job in dropped:
-            _give_up(job, now)
+            _give_up(job, now, self.observer)
         if dropped:
             for b in self.batches.values():
                 b.drop(dropped)
         admitted = [waiting[key] for key in decision.admit]
-        self._encode(admitted)
+        vectors = self._encode(admitted)
         for job in admitted:
-            self._admit(job)
+            self._admit(job, vectors.get(job.spec.model, {}))
         total = 0
         for name, batch in self.batches.items():
             if batch.rows:
@@ -257,39 +246,32 @@ class Engine:
         self.iterations += 1
         return total
 
-    def _encode(self, jobs: list[Job]) -> None:
+    def _encode(self, jobs: list[Job]) -> dict[str, dict]:
         """The conditions of the requests that join now, encoded in one batch per model (those
-        already cached cost nothing). A failure fails that model's joining requests alone."""
+        already cached cost nothing): model -> condition -> vector. A failure fails that model's
+        joining requests alone."""
         by_model: dict[str, list[Job]] = {}
         for job in jobs:
             by_model.setdefault(job.spec.model, []).append(job)
+        out = {}
         for name, group in by_model.items():
             try:
-                self.models[name].encode_conditions([c for job in group for c in job.spec.conditions()])
+                out[name] = self.models[name].encode_conditions([c for job in group for c in job.spec.conditions()])
             except Exception as e:
                 log.exception("encoding the conditions of model %s failed", name)
                 for job in group:
                     job.finish(error=GenerationFailed(f"could not encode the prompt: {type(e).__name__}"))
+        return out
 
-    def _batch(self, job: Job) -> ModelBatch:
-        """The batch of the job's model and size (created for a size not seen yet)."""
-        batch = self.batches.get(job.batch)
-        if batch is None:
-            model = self.models[job.spec.model]
-            batch = self.batches[job.batch] = ModelBatch(
-                model, self.max_rows, self._max_steps, threads=_threads(model, self._cpu_threads, job.spec.shape),
-                shape=job.spec.shape, decode_pixels=self.decode_pixels)
-        return batch
-
-    def _admit(self, job: Job) -> None:
+    def _admit(self, job: Job, vectors: Mapping) -> None:
         if job.future.done():  # its conditions could not be encoded
             return
         job.admitted_at = self.clock()
         self.observer.queue_wait(job.spec.model, job.admitted_at - job.submitted_at)
-        # latency-sensitive rows step first; work without a deadline never is
-        urgent = self.policy.short(_ticket(job, job.admitted_at)) and math.isfinite(job.deadline)
+        # rows that step first: with goodput, those with a deadline (bulk rows yield to them); else the short ones
+        urgent = math.isfinite(job.deadline) if self.policy.goodput else self.policy.short(_ticket(job, job.admitted_at))
         try:
-            self._batch(job).admit(job, urgent=urgent)
+            self.batches.for_job(job).admit(job, urgent=urgent, vectors=vectors)
         except Exception as e:  # a request the model cannot run fails alone
             log.exception("admitting job %s failed", job.id)
             job.finish(error=GenerationFailed(f"could not start generation: {e}"))
@@ -304,16 +286,14 @@ class Engine:
                 job.finish(error=GenerationFailed(f"decoding failed: {type(e).__name__}"))
 
     def _prune(self) -> None:
-        """Batches of another size than the native one go once they are idle."""
-        for key in [k for k, b in self.batches.items() if k not in self.models and not b.busy]:
-            del self.batches[key]
+        self.batches.prune()
 
     def _step(self, name: str, batch: ModelBatch) -> int:
         limit = self.latency_rows or None
         if limit is None and self.policy.goodput and any(not math.isfinite(j.deadline) for j in batch.jobs()):
-            # bulk rows yield: with latency-sensitive rows in flight, the iteration stays within the knee
-            guided = 2 if batch.model.card.guidable else 1
-            limit = max(1, self.costs.knee(name, 2 * self.max_rows) // guided)
+            # bulk rows yield: beside rows with a deadline, the iteration steps bulk rows only within the knee
+            guided = batch.runner.can_guide and batch.runner.table.flags()["guided"]
+            limit = max(1, self.costs.knee(name, 2 * self.max_rows) // network_rows(1, guided))
         try:
             rows, finished, timings = batch.step(limit)
             self._report(name, batch)
@@ -376,7 +356,8 @@ class Engine:
         job.images = {}
         if job.finish(GenerationResult(images, job.admitted_at - job.submitted_at, generating)):
             self.observer.images(job.spec.model, job.rows)
-            self.observer.finished(job.spec.model, now <= job.deadline, job.predicted_s, generating)
+            if math.isfinite(job.deadline):  # goodput counts requests with a deadline
+                self.observer.finished(job.spec.model, now <= job.deadline, job.predicted_s, generating)
 
     # --- shutdown ------------------------------------------------------------------------------
     def shutdown(self, grace_s: float = 30.0) -> None:
@@ -400,24 +381,6 @@ class Engine:
             job.finish(error=EngineClosed("the service shut down before this request finished"))
 
 
-def batch_key(spec: GenerationSpec, native: tuple[int, ...]) -> str:
-    """The engine batch of a request: its model's, or for another size, ``name@WxH``."""
-    if spec.shape is None or tuple(spec.shape) == tuple(native) or spec.size is None:
-        return spec.model
-    return f"{spec.model}@{spec.size[1]}x{spec.size[0]}"
-
-
-def _threads(model: Model, setting: str | None, shape) -> CpuThreads | None:
-    if setting is None or torch.device(model.device).type != "cpu":
-        return None
-    card = model.card
-    cond = None if card.cond_dim is None else torch.zeros(1, card.cond_dim, device=model.device)
-    shape = tuple(shape or card.sample_shape)
-    # counted on the engine's thread, at its first iteration: no OpenMP pool on the caller's thread
-    return CpuThreads(setting, lambda: flops_per_row(model.net, shape, cond, torch.device(model.device)),
-                      name=model.name)
-
-
 def _tell(job: Job, event) -> None:
     try:
         job.listener(event)
@@ -426,12 +389,12 @@ def _tell(job: Job, event) -> None:
 
 
 def _ticket(job: Job, now: float, remaining: int | None = None) -> Ticket:
-    return Ticket(job.id, job.batch or job.spec.model, job.rows, cancelled=job.cancelled, expired=job.expired(now),
+    return Ticket(job.id, job.spec.model, job.rows, cancelled=job.cancelled, expired=job.expired(now), batch=job.batch,
                   work=job.work, waited_s=now - job.submitted_at,
                   deadline_s=job.deadline - now if math.isfinite(job.deadline) else None, remaining=remaining,
                   net_rows=job.network_rows or None)
 
 
-def _give_up(job: Job, now: float) -> None:
-    if not job.cancelled:
-        job.finish(error=DeadlineExceeded(f"deadline passed after {now - job.submitted_at:.1f} s"))
+def _give_up(job: Job, now: float, observer: Observer) -> None:
+    if not job.cancelled and job.finish(error=DeadlineExceeded(f"deadline passed after {now - job.submitted_at:.1f} s")):
+        observer.finished(job.spec.model, False, job.predicted_s, now - (job.admitted_at or now))

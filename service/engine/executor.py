@@ -17,6 +17,7 @@ Rows of different sizes are different batches (one forward pass has one shape).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,7 +25,6 @@ import torch
 
 from diffusion import Acceleration, ModelCard, RowRequest, Runner
 from diffusion.runner import power_of_two_buckets
-from diffusion.step import ALL_KINDS
 
 from service.engine.decode import DecodeQueue, DecodeWork
 from service.engine.job import GenerationSpec, Job
@@ -152,7 +152,7 @@ class ModelBatch:
         self.runner.warm_up()
 
     @torch.no_grad()
-    def admit(self, job: Job, urgent: bool = False) -> None:
+    def admit(self, job: Job, urgent: bool = False, vectors: Mapping | None = None) -> None:
         """Start a request's rows from their seeded noise; they take part in the next step.
         ``urgent`` rows are latency-sensitive: stepped first, whatever the iteration's row limit."""
         spec = job.spec
@@ -162,7 +162,8 @@ class ModelBatch:
             known, mask = self.model.edit_inputs(spec.image[None], None if spec.mask is None else spec.mask[None])
             edit.update(image=known[0], mask=None if mask is None else mask[0])
         rows = [self.model.row_request(spec.condition, seed, spec.scheduler, spec.steps, spec.guidance, spec.clip,
-                                       spec.percentile, spec.spacing, negative=spec.negative, **edit, **options)
+                                       spec.percentile, spec.spacing, negative=spec.negative, vectors=vectors, **edit,
+                                       **options)
                 for seed in spec.seeds]
         handles = self.runner.add(rows, priority=0 if urgent else 1)
         self.owners.update((h, (job, k)) for k, h in enumerate(handles))
@@ -204,7 +205,7 @@ class ModelBatch:
         whose timing is in."""
         limit = latency_rows if latency_rows and self.runner.table.urgent else None
         rows = self.rows if limit is None else min(self.rows, max(limit, self.runner.table.urgent))
-        net = rows * (2 if self.runner.table.flags(rows)["guided"] and self.runner.null_cond is not None else 1)
+        net = rows * (2 if self.runner.table.flags(rows)["guided"] and self.runner.can_guide else 1)
         if self.threads is not None:
             self.threads.apply(net)
         started = self.timer.start()
@@ -219,7 +220,7 @@ class ModelBatch:
         runner, table = self.runner, self.runner.table
         if len(table) or budget_s <= 0:
             return []
-        guided = runner.null_cond is not None and table.state.uncond is not None
+        guided = runner.can_guide
         cuda = torch.device(self.model.device).type == "cuda"
         out, spent = [], 0.0
         for b in power_of_two_buckets(table.capacity):
@@ -230,11 +231,7 @@ class ModelBatch:
             times = []
             for _ in range(2):  # the first one pays for allocations
                 started = time.perf_counter()
-                replay = runner.graphs.get((b, guided, False))
-                if replay is not None:
-                    replay()
-                else:
-                    runner._run(b, kinds=ALL_KINDS, guided=guided, dynamic=False, noise=True, edit=True)
+                runner.run_inert(b, guided)
                 if cuda:
                     torch.cuda.synchronize(self.model.device)
                 times.append(time.perf_counter() - started)

@@ -3,8 +3,8 @@
 At every iteration the engine asks: which waiting requests join the running batch now, and which
 requests (waiting or running) are dropped because their caller gave up or their deadline passed?
 
-A request's images are admitted all together, never past ``max_rows`` images in flight per model;
-models are independent. Within a model, the :class:`Policy` orders admission:
+A request's images are admitted all together, never past ``max_rows`` images in flight per model
+(whatever their image sizes); models are independent. Within a model, the :class:`Policy` orders admission:
 
 - ``fifo``: first come, first served; when the oldest waiting request does not fit, later ones wait
   behind it (no starvation of large requests).
@@ -29,10 +29,10 @@ So, on top of the above:
   (predicted finish × ``margin``); a running request already predicted late does not block others;
 - a model's rows stay within the cost model's knee (the network rows past which more rows stop
   raising images/s), unless the model has nothing else in flight;
-- a request that cannot meet its deadline even if admitted now (its predicted finish beside what
-  runs, or after what runs has drained, whichever is sooner, is past its deadline) is refused at
-  once, with a retry delay from the predicted backlog, rather than accepted and then timed out; one
-  that still can waits;
+- a request that cannot meet its deadline even if admitted now (its earliest predicted finish:
+  beside what runs, or after what runs and what waits ahead of it, whichever is sooner, times
+  ``margin``, is past its deadline) is refused at once, with a retry delay from the predicted
+  backlog, rather than accepted and then timed out; one that still can waits;
 - requests without a deadline (bulk work) fill what deadline work leaves: they are ordered last,
   and deadline requests are admitted as if they were not there (the engine steps bulk rows only
   within the knee while deadline rows are in flight: they yield).
@@ -40,7 +40,6 @@ So, on top of the above:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +59,7 @@ class Ticket:
     work: int = 0  # model evaluations per image (NFE)
     waited_s: float = 0.0
     deadline_s: float | None = None  # seconds left until its deadline; None: no deadline (bulk work)
+    batch: str | None = None  # the engine batch it runs in (its model at one image size; default: model)
     remaining: int | None = None  # evaluations per image still to make (default: work)
     net_rows: int | None = None  # rows of the forward pass (a guided image counts twice; default: rows)
 
@@ -74,6 +74,10 @@ class Ticket:
     @property
     def network(self) -> int:
         return self.rows if self.net_rows is None else self.net_rows
+
+    @property
+    def cost_key(self) -> str:
+        return self.batch or self.model
 
 
 @dataclass(frozen=True)
@@ -107,16 +111,14 @@ def plan(waiting: Sequence[Ticket], running: Iterable[Ticket], max_rows: int, po
     """Decide one iteration's admissions, refusals and drops. ``waiting`` is in arrival order;
     ``running`` are the requests in flight; ``costs`` predicts iterations (goodput, module docstring)."""
     out = Plan()
-    rows: dict[str, int] = {}
+    rows: dict[str, int] = {}  # model -> image rows in flight (every image size of it together)
     load = _Load(costs if policy.goodput else None, max_rows)
-    live: list[Ticket] = []
     for t in running:
         if t.dead:
             out.drop_running.append(t.key)
         else:
             rows[t.model] = rows.get(t.model, 0) + t.rows
             load.add(t)
-            live.append(t)
     alive = []
     for t in waiting:
         (out.drop_waiting if t.dead else alive).append(t.key if t.dead else t)
@@ -126,17 +128,19 @@ def plan(waiting: Sequence[Ticket], running: Iterable[Ticket], max_rows: int, po
         if t.model in blocked:
             continue
         limit = max_rows if policy.short(t) else max_rows - policy.reserve_rows
-        verdict = load.judge(t, margin=policy.margin) if load.measures(t.model) else "admit"
+        verdict = load.judge(t, policy.margin) if load.measures(t) else "admit"
         if verdict == "refuse":
-            out.refuse.append((t.key, load.earliest_finish(t), load.backlog_s(t.model)))
+            out.refuse.append((t.key, load.earliest_finish(t), load.backlog_s(t)))
             continue
         if verdict == "admit" and rows.get(t.model, 0) + t.rows <= limit:
             out.admit.append(t.key)
             rows[t.model] = rows.get(t.model, 0) + t.rows
-            if load.measures(t.model):
+            if load.measures(t):
                 out.predicted[t.key] = load.finish_if_admitted(t)
             load.add(t)
-        elif policy.order == "fifo" or t.waited_s >= policy.starvation_s:
+            continue
+        load.queue(t)  # it waits: the ones behind it wait for it too
+        if policy.order == "fifo" or t.waited_s >= policy.starvation_s:
             blocked.add(t.model)  # it goes next: nobody overtakes it
     return out
 
@@ -152,70 +156,81 @@ def _order(t: Ticket, policy: Policy, goodput: bool) -> tuple:
 
 
 class _Load:
-    """What is in flight, in the cost model's terms: network rows per model (those of requests with a
-    deadline apart), and the requests with deadlines that an admission must not make late."""
+    """What is in flight, in the cost model's terms, per engine batch (a model at one image size):
+    network rows (those of requests with a deadline apart: bulk rows yield to them), the requests
+    with deadlines that an admission must not make late, and the work waiting ahead."""
 
     def __init__(self, costs: CostModel | None, max_rows: int):
         self.costs, self.max_rows = costs, max_rows
-        self.all: dict[str, int] = {}  # model -> network rows of every request
-        self.urgent: dict[str, int] = {}  # model -> network rows of requests with a deadline
+        self.all: dict[str, int] = {}  # batch -> network rows of every request
+        self.urgent: dict[str, int] = {}  # batch -> network rows of requests with a deadline
         self.deadlines: list[Ticket] = []
-        self.longest: dict[str, int] = {}  # model -> most evaluations left of a request in flight
+        self.longest: dict[str, int] = {}  # batch -> most evaluations left of a request in flight
+        self.ahead: dict[str, float] = {}  # batch -> network-row evaluations of the requests waiting ahead
 
     @property
     def active(self) -> bool:
         return self.costs is not None
 
-    def measures(self, model: str) -> bool:
-        return self.costs is not None and self.costs.known(model)
+    def measures(self, t: Ticket) -> bool:
+        return self.costs is not None and self.costs.known(t.cost_key)
 
     def add(self, t: Ticket) -> None:
-        self.all[t.model] = self.all.get(t.model, 0) + t.network
+        k = t.cost_key
+        self.all[k] = self.all.get(k, 0) + t.network
         if t.deadline_s is not None:
-            self.urgent[t.model] = self.urgent.get(t.model, 0) + t.network
+            self.urgent[k] = self.urgent.get(k, 0) + t.network
             self.deadlines.append(t)
-        self.longest[t.model] = max(self.longest.get(t.model, 0), t.left)
+        self.longest[k] = max(self.longest.get(k, 0), t.left)
+
+    def queue(self, t: Ticket) -> None:
+        self.ahead[t.cost_key] = self.ahead.get(t.cost_key, 0.0) + t.left * t.network
 
     def _rows(self, t: Ticket) -> dict[str, int]:
-        """Network rows per model that the iteration t joins would step for t's sake: with a
+        """Network rows per batch that the iterations t joins would step for t's sake: with a
         deadline, the deadline rows (bulk rows yield); without one, every row."""
         return dict(self.urgent if t.deadline_s is not None else self.all)
 
-    def iteration_s(self, rows: dict[str, int]) -> float:
-        return self.costs.iteration_s(rows)
-
     def finish_if_admitted(self, t: Ticket) -> float:
         rows = self._rows(t)
-        rows[t.model] = rows.get(t.model, 0) + t.network
-        return t.left * self.iteration_s(rows)
+        rows[t.cost_key] = rows.get(t.cost_key, 0) + t.network
+        return t.left * self.costs.iteration_s(rows)
+
+    def _drain_s(self, t: Ticket) -> float:
+        """Seconds until the rows in flight of t's batch are done."""
+        return self.longest.get(t.cost_key, 0) * self.costs.iteration_s(self._rows(t))
+
+    def _knee_blocks(self, t: Ticket) -> bool:
+        in_batch = self._rows(t).get(t.cost_key, 0)
+        return bool(in_batch) and in_batch + t.network > self.costs.knee(t.cost_key, 2 * self.max_rows)
 
     def earliest_finish(self, t: Ticket) -> float:
-        """The sooner of two predictions: joining now (beside what runs), or once the model's rows in
-        flight have drained (then beside nothing of its model). Later requests are not counted: the
-        optimistic case, so that only what cannot make it in any order is refused."""
-        now = self.finish_if_admitted(t)
+        """The sooner of two predictions: joining now beside what runs (when nothing waits ahead of it
+        and the knee lets it), or once the batch's rows in flight have drained, after the work waiting
+        ahead of it (done at the batch's best measured rate, batched together), and never sooner than
+        its own evaluations one after another."""
         rows = self._rows(t)
-        drain = self.longest.get(t.model, 0) * self.iteration_s(rows)
-        rows[t.model] = t.network
-        return min(now, drain + t.left * self.iteration_s(rows))
+        rows[t.cost_key] = t.network
+        alone = t.left * self.costs.iteration_s(rows)
+        ahead = self.ahead.get(t.cost_key, 0.0)
+        later = self._drain_s(t) + max(alone, (ahead + t.left * t.network) / self.costs.best_rate(t.cost_key))
+        if ahead or self._knee_blocks(t):
+            return later
+        return min(self.finish_if_admitted(t), later)
 
-    def backlog_s(self, model: str) -> float:
-        """Seconds until what is in flight for ``model`` has drained (a retry's sensible delay)."""
-        return self.longest.get(model, 0) * self.iteration_s(self.all)
+    def backlog_s(self, t: Ticket) -> float:
+        """Seconds until what runs and waits ahead of t in its batch is done (a retry's delay)."""
+        return self._drain_s(t) + self.ahead.get(t.cost_key, 0.0) / self.costs.best_rate(t.cost_key)
 
     def judge(self, t: Ticket, margin: float) -> str:
         """"admit", "wait" or "refuse" (module docstring)."""
         rows = self._rows(t)
-        before = self.iteration_s(rows)
-        in_model = rows.get(t.model, 0)
-        if in_model and in_model + t.network > self.costs.knee(t.model, 2 * self.max_rows):
-            knee_blocks = True
-        else:
-            knee_blocks = False
-        rows[t.model] = in_model + t.network
-        after = self.iteration_s(rows)
+        before = self.costs.iteration_s(rows)
+        knee_blocks = self._knee_blocks(t)
+        rows[t.cost_key] = rows.get(t.cost_key, 0) + t.network
+        after = self.costs.iteration_s(rows)
         if t.deadline_s is not None:
-            if self.earliest_finish(t) > t.deadline_s:
+            if self.earliest_finish(t) * margin > t.deadline_s:
                 return "refuse"
             if t.left * after * margin > t.deadline_s:
                 return "wait"

@@ -11,6 +11,7 @@ import torch
 
 from diffusion import Condition
 from service.engine import DeadlineExceeded, Engine, EngineClosed, GenerationFailed, GenerationSpec, QueueFull
+from service.engine.scheduler import Policy
 from tests.service.fakes import FakeModel
 
 
@@ -209,8 +210,9 @@ def test_a_short_request_overtakes_queued_bulk_work_and_uses_the_reserved_rows()
 
 
 def test_latency_rows_cap_an_iteration_while_short_rows_are_in_flight():
+    """Admission by rows alone (no goodput): short rows are the latency-sensitive ones."""
     fake = FakeModel()
-    eng = Engine({"fake": fake}, max_rows=8, latency_rows=3)
+    eng = Engine({"fake": fake}, max_rows=8, latency_rows=3, policy=Policy(goodput=False))
     long = eng.submit(spec(steps=40, n=6), 600)
     eng.iterate()
     assert fake.batches[-1] == 6  # no short rows: every row steps
@@ -226,6 +228,27 @@ def test_latency_rows_cap_an_iteration_while_short_rows_are_in_flight():
     again = ref.submit(spec(steps=40, n=6), 600)
     run_until(ref, again.future.done)
     torch.testing.assert_close(long.future.result().images, again.future.result().images, rtol=0, atol=0)
+
+
+def test_bulk_rows_yield_to_rows_with_a_deadline():
+    """Goodput: with rows that have a deadline in flight, an iteration steps bulk rows (no deadline)
+    only within the cost model's knee; a long (50-step) deadline request steps every iteration."""
+    fake = FakeModel()
+    eng = Engine({"fake": fake}, max_rows=16)
+    for n in (1, 2, 4, 8, 16, 32):  # measured: images/s stops rising past 4 network rows
+        eng.costs.observe("fake", n, 0.01 * max(n, 4))
+    eng.costs.observe = lambda *a: None  # (the fake network's real timings would move it)
+    assert eng.costs.knee("fake", 32) == 4
+    bulk = eng.submit(spec(steps=40, n=8), None)  # guidance 0: one network row per image
+    eng.iterate()
+    assert fake.batches[-1] == 8  # alone: every bulk row steps
+    urgent = eng.submit(spec(steps=50, n=2, seed=70), 600)
+    for _ in range(3):
+        eng.iterate()
+        assert fake.batches[-1] == 4  # the 2 deadline rows and 2 bulk rows: the knee's 4
+    run_until(eng, urgent.future.done)
+    assert not bulk.future.done()
+    run_until(eng, bulk.future.done)
 
 
 def test_an_engine_iteration_makes_at_most_one_host_sync_per_evaluation(pipelines):

@@ -3,12 +3,12 @@ a time would answer it, and what cannot make its deadline is refused early (503 
 never accepted and timed out. The network's cost is made deterministic: every forward pass sleeps
 10 ms plus 10 ms per network row (the tiny model's own compute is small beside it), so an iteration
 of one 8-image guided request (16 network rows) takes about 0.17 s, and batching pays little past
-one request, as on a CPU."""
+one request, as on a CPU. Nothing here asserts a duration: a 200 is an answer within its deadline,
+and a 503 a refusal decided before it."""
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 
 import pytest
@@ -30,38 +30,33 @@ def slow_net(monkeypatch):
     monkeypatch.setattr(Pipeline, "net", slow)
 
 
-async def timed(client, body):
-    started = time.perf_counter()
-    r = await client.post("/generate", json=body)
-    return r, time.perf_counter() - started
+def burst(make_settings, **settings):
+    """Sixteen 8-image requests with a 3 s deadline at once, and one with 60 s beside them, after two
+    warm-up requests (the first calibrates the cost model): the answers, and the metrics after."""
+    async def body(app, client):
+        for seed in (1, 2):
+            assert (await client.post("/generate", json={**BURST, "seed": seed})).status_code == 200
+        answers = await asyncio.gather(*[client.post("/generate", json={**BURST, "seed": 10 + k, "timeout_s": 3.0})
+                                         for k in range(16)],
+                                       client.post("/generate", json={**BURST, "seed": 99, "timeout_s": 60.0}))
+        return answers, (await client.get("/metrics")).text
+    return serve(make_settings(**settings), body)
 
 
 def test_a_burst_answers_what_it_can_and_refuses_the_rest_early(make_settings, slow_net):
-    deadline = 3.0
-
-    async def body(app, client):
-        alone = []
-        for seed in (1, 2):  # the first one also calibrates the cost model
-            r, seconds = await timed(client, {**BURST, "seed": seed})
-            assert r.status_code == 200
-            alone.append(seconds)
-        burst = [timed(client, {**BURST, "seed": 10 + k, "timeout_s": deadline}) for k in range(16)]
-        patient = timed(client, {**BURST, "seed": 99, "timeout_s": 60.0})
-        answers = await asyncio.gather(*burst, patient)
-        metrics = (await client.get("/metrics")).text
-        return alone[-1], answers, metrics
-
-    one, answers, metrics = serve(make_settings(max_images=8), body)
-    *burst, (patient, _) = answers
-    ok = [s for r, s in burst if r.status_code == 200]
-    refused = [(r, s) for r, s in burst if r.status_code != 200]
-    one_at_a_time = math.floor(3.0 / one)  # how many back-to-back single requests finish in 3 s
-    assert len(ok) >= max(1, one_at_a_time - 1), (len(ok), one, [r.status_code for r, _ in burst])
-    assert all(s <= 3.0 for s in ok)  # answered within the deadline
-    assert all(r.status_code == 503 and int(r.headers["retry-after"]) >= 1 for r, _ in refused)
-    assert all("deadline" in r.json()["detail"] for r, _ in refused)
-    assert all(s < 3.0 for _, s in refused)  # refused before the deadline, not timed out at it
-    assert patient.status_code == 200  # a long deadline beside the burst still completes
+    """Side by side: today's admission by rows, one request at a time (FIFO), and goodput. A 200 is
+    an answer within the deadline (past it, the engine drops the request: 504); a 503 is a refusal
+    decided before the deadline (a request whose deadline has passed is dropped, not judged)."""
+    old, _ = burst(make_settings, goodput=False)
+    fifo, _ = burst(make_settings, goodput=False, admission="fifo", max_batch_rows=8)
+    new, metrics = burst(make_settings)
+    count = lambda answers, code: sum(r.status_code == code for r in answers[:-1])  # noqa: E731
+    assert count(old, 200) < count(fifo, 200)  # the collapse: admitted together, late together
+    assert count(new, 200) >= count(fifo, 200) >= 1
+    assert count(new, 504) == 0 and count(new, 200) + count(new, 503) == 16  # the rest refused, none timed out
+    refused = [r for r in new[:-1] if r.status_code == 503]
+    assert all(int(r.headers["retry-after"]) >= 1 and "deadline" in r.json()["detail"] for r in refused)
+    assert new[-1].status_code == 200  # a long deadline beside the burst still completes
     assert 'diffusion_refusals_total{model="tiny-digits",reason="deadline"}' in metrics
     assert 'diffusion_goodput_total{model="tiny-digits",on_time="true"}' in metrics
     assert "diffusion_prediction_ratio_bucket" in metrics
@@ -70,18 +65,18 @@ def test_a_burst_answers_what_it_can_and_refuses_the_rest_early(make_settings, s
 def test_an_impossible_deadline_is_refused_at_once_in_every_api_shape(make_settings, slow_net):
     async def body(app, client):
         assert (await client.post("/generate", json={**BURST, "seed": 1})).status_code == 200  # calibrated
-        native, seconds = await timed(client, {**BURST, "timeout_s": 0.05})
+        native = await client.post("/generate", json={**BURST, "timeout_s": 0.05})
         stream = await client.post("/generate", json={**BURST, "timeout_s": 0.05, "stream": True})
         openai = await client.post("/v1/images/generations", json={"prompt": "seven", "n": 8, "steps": 4,
                                                                    "timeout_s": 0.05})
         bulk = await client.post("/generate", json={**BURST, "bulk": True, "seed": 2})
         too_long = await client.post("/generate", json={**BURST, "timeout_s": 10_000})
         both = await client.post("/generate", json={**BURST, "timeout_s": 5, "bulk": True})
-        return native, seconds, stream, openai, bulk, too_long, both
+        return native, stream, openai, bulk, too_long, both
 
-    native, seconds, stream, openai, bulk, too_long, both = serve(make_settings(max_images=8), body)
-    assert native.status_code == 503 and seconds < 0.5 and "predicted" in native.json()["detail"]
-    assert native.headers["retry-after"] == "1"
+    native, stream, openai, bulk, too_long, both = serve(make_settings(max_images=8), body)
+    assert native.status_code == 503 and "even alone" in native.json()["detail"]
+    assert int(native.headers["retry-after"]) >= 1
     assert stream.status_code == 503 and "deadline" in stream.json()["detail"]
     assert openai.status_code == 503 and openai.json()["error"]["message"].startswith("cannot finish")
     assert bulk.status_code == 200  # no deadline: never refused for one

@@ -163,3 +163,33 @@ def test_the_knee_caps_the_batch():
     p = plan([T(1, rows=4, deadline=1000), T(2, rows=6, deadline=1000)], running, 64, GOODPUT, costs)
     assert p.admit == [1]  # 56 + 4 = 60 rows; 6 more would pass the knee
     assert plan([T(1, rows=40, deadline=1000)], [], 64, GOODPUT, costs).admit == [1]  # alone, whatever its size
+
+
+def test_work_waiting_ahead_counts_so_a_burst_is_refused_early():
+    """Eight identical requests that each fit alone: the ones that the work ahead of them (done at
+    the best measured rate) would push past the deadline are refused now, not when they run out."""
+    costs = linear_costs(0.0, 0.1, knee_gain=1.05)  # proportional: knee 1, one request at a time
+    burst = [T(k, rows=1, work=10, deadline=3.5) for k in range(8)]  # each 10 x 0.1 = 1 s alone
+    p = plan(burst, [], 64, GOODPUT, costs)
+    assert p.admit == [0] and [k for k, _, _ in p.refuse] == [3, 4, 5, 6, 7]  # 1, 2 wait: done by 2 s and 3 s
+    retries = [r for _, _, r in p.refuse]
+    assert retries == sorted(retries) and retries[0] > 1.0  # later in line, later retry
+
+
+def test_a_feasible_request_on_an_idle_engine_is_admitted_or_refused_never_left_waiting():
+    costs = linear_costs(0.0, 0.1)
+    near = plan([T(1, rows=1, work=10, deadline=1.05)], [], 64, Policy(short_work=0, margin=1.1), costs)
+    assert near.admit == [] and [k for k, _, _ in near.refuse] == [1]  # 1 s x 1.1 > 1.05: refused at once
+    assert plan([T(1, rows=1, work=10, deadline=1.2)], [], 64, Policy(short_work=0, margin=1.1), costs).admit == [1]
+
+
+def test_another_image_size_is_predicted_from_the_native_one():
+    costs = linear_costs(0.0, 0.1)
+    costs.alias("m@96x64", "m", 1.5)  # half as many pixels again
+    assert costs.known("m@96x64") and abs(costs.cost("m@96x64", 4) - costs.cost("m", 6)) < 1e-9
+    costs.observe("m@96x64", 4, 9.0)  # once measured itself, its own numbers
+    assert abs(costs.cost("m@96x64", 4) - 9.0) < 1e-9
+    # the row cap is per model whatever the size; the costs are per batch
+    p = plan([T(1, rows=6, model="m", batch="m@96x64", deadline=100, work=1)], [T(9, rows=4, deadline=100)], 8,
+             GOODPUT, costs)
+    assert p.admit == []
