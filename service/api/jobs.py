@@ -34,8 +34,8 @@ async def wait(engine: Engine, job: Job, request: Request, settings: Settings) -
     result_ = asyncio.wrap_future(job.future)
     gone = asyncio.ensure_future(disconnected(request))
     limit = timeout(job.spec, settings)
-    try:
-        done, _ = await asyncio.wait({result_, gone}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+    try:  # the engine's own deadline comes first (its 504 is counted as a missed deadline); this is a backstop
+        done, _ = await asyncio.wait({result_, gone}, timeout=limit + 1.0, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not job.future.done():

@@ -396,5 +396,11 @@ def _ticket(job: Job, now: float, remaining: int | None = None) -> Ticket:
 
 
 def _give_up(job: Job, now: float, observer: Observer) -> None:
-    if not job.cancelled and job.finish(error=DeadlineExceeded(f"deadline passed after {now - job.submitted_at:.1f} s")):
+    """A request dropped: its deadline passed (the engine answers 504), or its caller gave up, which
+    counts as a missed deadline when that had passed (the HTTP side's own timeout came first)."""
+    late = now >= job.deadline
+    if job.cancelled:
+        if late:
+            observer.finished(job.spec.model, False, job.predicted_s, now - (job.admitted_at or now))
+    elif job.finish(error=DeadlineExceeded(f"deadline passed after {now - job.submitted_at:.1f} s")):
         observer.finished(job.spec.model, False, job.predicted_s, now - (job.admitted_at or now))
