@@ -16,19 +16,25 @@ pool and, the careful variant, one at a time behind a lock. All three run at onc
 nothing) and are measured in turn at each point, single requests round-robin, so that a shared
 machine's drift in speed (±30 % over minutes on the project's CPU machine) hits them alike: one
 request at a time (p50), and waves of 8 and 32 concurrent requests (images/s, p50); ratios are
-against the best diffusers variant at each point.
+against the best diffusers variant at each point. ``--rounds N`` repeats each wave N times (the median
+is reported); ``--service-variant VAR=VALUE,...`` adds one more service, started with those environment
+variables (a ``DIFFUSION_*`` setting, ``OMP_WAIT_POLICY``), measured side by side with the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -58,8 +64,7 @@ def make_folder(work: Path, mini: bool) -> Path:
     return folder
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, what: str, limit_s: float = 900) -> float:
-    t0 = time.perf_counter()
+def _wait_ready(proc: subprocess.Popen, url: str, what: str, t0: float, limit_s: float = 900) -> float:
     while time.perf_counter() - t0 < limit_s:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
@@ -73,14 +78,22 @@ def _wait_ready(proc: subprocess.Popen, url: str, what: str, limit_s: float = 90
     raise RuntimeError(f"{what} never became ready")
 
 
-CPU_SERVERS = (("service", "service", False), ("diffusers-threads", "diffusers-threads", False),
-               ("diffusers-serial", "diffusers-serial", False))
-GPU_SERVERS = (("service (compile + CUDA graphs)", "service", True), ("diffusers eager", "diffusers-threads", False),
-               ("diffusers compiled", "diffusers-threads", True))
+# (label, kind, extra command-line arguments[, extra environment]): kind "service" is python -m service, any
+# other the app
+CPU_SERVERS = (("service", "service", ()), ("diffusers-threads", "diffusers", ()),
+               ("diffusers-serial", "diffusers", ("--serial",)))
+GPU_SERVERS = (("service (compile + CUDA graphs)", "service", ("--compile", "default", "--cuda-graphs", "true")),
+               ("diffusers eager", "diffusers", ()), ("diffusers compiled", "diffusers", ("--compile",)))
 
 
-def start(kind: str, folder: Path, device: str, compile: bool, max_rows: int, log: Path):
-    """(process, url, seconds to ready) of one of the three servers."""
+# No request of a wave may time out (a CPU's wave of 32 takes minutes); variables, not flags, so that a
+# setting an older service lacks is ignored rather than refused
+SERVICE_ENV = {"DIFFUSION_REQUEST_TIMEOUT_S": "3600", "DIFFUSION_MAX_TIMEOUT_S": "3600"}
+
+
+def launch(kind: str, args: tuple, folder: Path, device: str, max_rows: int, log: Path,
+           app: str = "bench.diffusers_app", env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """(process, url) of one server: this service on ``folder``'s directory, or ``app`` on ``folder``."""
     from bench.load import free_port
 
     port = free_port()
@@ -88,15 +101,44 @@ def start(kind: str, folder: Path, device: str, compile: bool, max_rows: int, lo
         cmd = [sys.executable, "-m", "service", "--port", str(port), "--checkpoint-dir", str(folder.parent),
                "--device", device, "--max-batch-rows", str(max_rows), "--max-images", str(min(8, max_rows)),
                "--max-queue", "4096", "--log-level", "warning"]
-        if compile:
-            cmd += ["--compile", "default", "--cuda-graphs", "true"]
+        env = {**SERVICE_ENV, **(env or {})}
     else:
-        cmd = [sys.executable, "-m", "bench.diffusers_app", "--folder", str(folder), "--port", str(port),
-               "--device", device, *(["--serial"] if kind == "diffusers-serial" else []),
-               *(["--compile"] if compile else [])]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-    url = f"http://127.0.0.1:{port}"
-    return proc, url, _wait_ready(proc, url, kind)
+        cmd = [sys.executable, "-m", app, "--folder", str(folder), "--port", str(port), "--device", device]
+    proc = subprocess.Popen([*cmd, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                            env={**os.environ, **(env or {})})
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def serving(servers, folder: Path, device: str, max_rows: int, log_dir: Path, prefix: str,
+            app: str = "bench.diffusers_app", together: bool = False):
+    """Every server of ``servers`` ((label, kind, args[, env]) each) running at the same time, so that they are
+    measured side by side: yields ({label: (kind, url)}, {label: seconds to ready}); stops them all on exit.
+    They start one after another, each timed alone, or with ``together`` all at once (a GPU's compilations
+    overlap: each is then timed from the common start)."""
+    procs, urls, ready = [], {}, {}
+    try:
+        pending = []
+        for label, kind, args, *env in servers:
+            slug = "-".join(re.findall(r"[a-z0-9]+", label.lower()))
+            t0 = time.perf_counter()
+            proc, url = launch(kind, args, folder, device, max_rows, log_dir / f"{prefix}-{slug}.log", app, *env)
+            procs.append(proc)
+            urls[label] = (kind, url)
+            pending.append((label, proc, url, t0))
+            if not together:
+                ready[label] = _wait_ready(proc, url, label, t0)
+        if together:
+            t0 = min(t for *_, t in pending)
+            ready.update({label: _wait_ready(proc, url, label, t0) for label, proc, url, _ in pending})
+        yield urls, ready
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 async def _wave(url: str, bodies: list[dict]) -> tuple[list[float], float]:
@@ -113,26 +155,30 @@ async def _wave(url: str, bodies: list[dict]) -> tuple[list[float], float]:
         return list(lat), time.perf_counter() - t0
 
 
-def _body(kind: str, steps: int) -> dict:
-    return {"steps": steps} if kind != "service" else {"model": NAME, "scheduler": "ddim", "steps": steps}
-
-
-def measure(servers: dict, steps: int, sequential: int, waves: list[int]) -> list[dict]:
-    """Every server measured in turn at each point (label -> (kind, url)): single requests round-robin,
-    then each wave size on every server, so that a machine's drift in speed hits all of them alike."""
+def measure(servers: dict, body: Callable[[str, int], dict], sequential: int, waves: list[int],
+            rounds: int = 1) -> list[dict]:
+    """Every server measured in turn at each point (label -> (kind, url); ``body(kind, seed)`` is a
+    request): single requests round-robin, then each wave size on every server, so that a machine's
+    drift in speed hits all of them alike. With ``rounds`` > 1 the waves are repeated, round-robin
+    again, and each point reports its median round (images/s; its p50 the median of the rounds'). Each
+    row also has the highest 1-minute load average seen right after its requests (the servers' own work
+    included: a load well above the cores means another process took its share)."""
     for kind, url in servers.values():
-        asyncio.run(_wave(url, [{**_body(kind, steps), "seed": 999}]))  # first-request effects out of the way
-    single: dict[str, list[float]] = {label: [] for label in servers}
-    for k in range(sequential):
-        for label, (kind, url) in servers.items():
-            single[label].append(asyncio.run(_wave(url, [{**_body(kind, steps), "seed": k}]))[1])
-    rows = [{"server": label, "ours": servers[label][0] == "service", "concurrent": 1,
-             "p50_s": statistics.median(lat), "images_per_s": 1 / statistics.median(lat)} for label, lat in single.items()]
-    for c in waves:
-        for label, (kind, url) in servers.items():
-            lat, wall = asyncio.run(_wave(url, [{**_body(kind, steps), "seed": 100 * c + k} for k in range(c)]))
-            rows.append({"server": label, "ours": kind == "service", "concurrent": c, "p50_s": statistics.median(lat),
-                         "images_per_s": c / wall, "wall_s": wall})
+        asyncio.run(_wave(url, [body(kind, 999)]))  # first-request effects out of the way
+    got: dict[tuple[str, int], list[tuple[float, float, float]]] = {}  # (label, c) -> (p50, wall, load) per run
+    for c, repeats in [(1, sequential), *((c, rounds) for c in waves)]:
+        for r in range(repeats):
+            for label, (kind, url) in servers.items():
+                seeds = [r] if c == 1 else [100 * c + 1000 * r + k for k in range(c)]
+                lat, wall = asyncio.run(_wave(url, [body(kind, seed) for seed in seeds]))
+                got.setdefault((label, c), []).append((statistics.median(lat), wall, os.getloadavg()[0]))
+    rows = []
+    for (label, c), runs in got.items():
+        wall = statistics.median(w for _, w, _ in runs)
+        rows.append({"server": label, "ours": servers[label][0] == "service", "concurrent": c,
+                     "p50_s": statistics.median(p for p, _, _ in runs), "images_per_s": c / wall,
+                     "load": max(x for *_, x in runs)} | ({"wall_s": wall} if c > 1 else {})
+                    | ({"rounds_images_per_s": [round(c / w, 4) for _, w, _ in runs]} if c > 1 and rounds > 1 else {}))
     return rows
 
 
@@ -145,60 +191,75 @@ def ratios(rows: list[dict]) -> list[dict]:
         if theirs:
             fastest = max(theirs, key=lambda x: x["images_per_s"])
             quickest = min(theirs, key=lambda x: x["p50_s"])
-            out.append({"concurrent": r["concurrent"], "throughput_vs": fastest["server"],
+            out.append({"server": r["server"], "concurrent": r["concurrent"], "throughput_vs": fastest["server"],
                         "throughput_ratio": r["images_per_s"] / fastest["images_per_s"],
                         "p50_vs": quickest["server"], "p50_ratio": quickest["p50_s"] / r["p50_s"]})
     return out
 
 
+def source_state() -> dict:
+    """The commit measured and the files of service/ and diffusion/ changed beside it (a result then says
+    which service it measured)."""
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else ""
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None,
+            "changed": [line[3:] for line in git("status", "--porcelain", "--", "service", "diffusion").splitlines()]}
+
+
+def _body(kind: str, steps: int, seed: int) -> dict:
+    return {"steps": steps, "seed": seed} | ({"model": NAME, "scheduler": "ddim"} if kind == "service" else {})
+
+
 def run(device: str, work: Path, mini: bool = False, steps: int | None = None, waves: list[int] | None = None,
-        sequential: int = 3, servers=CPU_SERVERS, log_dir: Path | None = None) -> dict:
-    """Every server of ``servers`` ((label, kind, compile) each) in turn, on the same model and requests."""
+        sequential: int = 3, servers=CPU_SERVERS, log_dir: Path | None = None, rounds: int = 1) -> dict:
+    """Every server of ``servers`` ((label, kind, args) each) in turn, on the same model and requests."""
     steps = steps or (3 if mini else 50)
     waves = waves or ([2] if mini else [8, 32])
-    folder = make_folder(work, mini)
-    procs, urls, ready = [], {}, {}
-    try:
-        for label, kind, compile in servers:  # all up at once: measured side by side
-            log = (log_dir or work) / f"cifar-{kind}{'-compiled' if compile else ''}.log"
-            proc, url, ready[label] = start(kind, folder, device, compile, max(waves), log)
-            procs.append(proc)
-            urls[label] = (kind, url)
-        rows = measure(urls, steps, sequential, waves)
-    finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    folder, source = make_folder(work, mini), source_state()  # what the servers load now
+    with serving(servers, folder, device, max(waves), log_dir or work, "cifar") as (urls, ready):
+        rows = measure(urls, lambda kind, seed: _body(kind, steps, seed), sequential, waves, rounds)
     import torch
     from diffusers import UNet2DModel
     params = sum(p.numel() for p in UNet2DModel.from_pretrained(str(folder / "unet")).parameters())
     return {"device": device, "steps": steps, "parameters": params, "ready_s": ready, "rows": rows,
-            "ratios": ratios(rows), "torch": torch.__version__}
+            "ratios": ratios(rows), "torch": torch.__version__, "source": source}
+
+
+def tables(result: dict) -> list[str]:
+    """The rows and the ratios of a result, as Markdown lines."""
+    lines = ["| server | concurrent requests | images/s | p50 s | load |", "|---|---|---|---|---|"]
+    lines += [f"| {r['server']} | {r['concurrent']} | {r['images_per_s']:.3f} | {r['p50_s']:.2f} | "
+              f"{r.get('load', 0):.1f} |" for r in result["rows"]]
+    lines += ["", "| ours | concurrent | images/s, ours / best diffusers | p50, best diffusers / ours |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['server']} | {r['concurrent']} | {r['throughput_ratio']:.2f}× ({r['throughput_vs']}) | "
+              f"{r['p50_ratio']:.2f}× ({r['p50_vs']}) |" for r in result["ratios"]]
+    return lines
 
 
 def table(result: dict) -> str:
-    lines = [f"DDIM {result['steps']} steps, {result['parameters'] / 1e6:.1f}M-parameter UNet2DModel (3×32×32), "
-             f"device {result['device']}, start-up to ready: "
-             + ", ".join(f"{k} {v:.1f} s" for k, v in result["ready_s"].items()), "",
-             "| server | concurrent requests | images/s | p50 s |", "|---|---|---|---|"]
-    lines += [f"| {r['server']} | {r['concurrent']} | {r['images_per_s']:.3f} | {r['p50_s']:.2f} |" for r in result["rows"]]
-    lines += ["", "| concurrent | images/s, ours / best diffusers | p50, best diffusers / ours |", "|---|---|---|"]
-    lines += [f"| {r['concurrent']} | {r['throughput_ratio']:.2f}× ({r['throughput_vs']}) | {r['p50_ratio']:.2f}× "
-              f"({r['p50_vs']}) |" for r in result["ratios"]]
-    return "\n".join(lines)
+    return "\n".join([f"DDIM {result['steps']} steps, {result['parameters'] / 1e6:.1f}M-parameter UNet2DModel "
+                      f"(3×32×32), device {result['device']}, start-up to ready: "
+                      + ", ".join(f"{k} {v:.1f} s" for k, v in result["ready_s"].items()), "", *tables(result)])
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def command_line(argv, doc: str, run, table, prefix: str, rounds: int = 1, **options) -> None:
+    """The command line of a side-by-side benchmark: ``run(device, work, mini, steps, waves, sequential,
+    servers, rounds=, **options)`` (``options``: extra arguments, by name, of both)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpu-servers", action="store_true", help="the GPU's servers: this service compiled with CUDA "
                     "graphs, diffusers eager and compiled (bf16)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--waves", default=None, help="comma-separated concurrent request counts (default 8,32)")
     ap.add_argument("--sequential", type=int, default=3, help="requests one at a time for the p50")
+    ap.add_argument("--rounds", type=int, default=rounds, help="times each wave is repeated (the median is reported)")
+    ap.add_argument("--service-variant", action="append", default=[], metavar="VAR=VALUE[,VAR=VALUE]",
+                    help="one more service beside the others, with these environment variables (DIFFUSION_* "
+                    "settings, OMP_*): a change measured side by side; may be repeated")
+    for name, (default, help) in options.items():
+        ap.add_argument("--" + name.replace("_", "-"), default=default, help=help)
     ap.add_argument("--mini", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--table", type=Path, default=None, help="print the tables of a --json result and stop")
@@ -208,13 +269,21 @@ def main(argv=None) -> None:
         result["ratios"] = ratios(result["rows"])
         print(table(result))
         return
-    with tempfile.TemporaryDirectory(prefix="bench-cifar-") as tmp:
+    base = GPU_SERVERS if args.gpu_servers else CPU_SERVERS
+    variants = tuple((f"service {v.replace(',', ' ')}", *base[0][1:3], dict(kv.split("=", 1) for kv in v.split(",")))
+                     for v in args.service_variant)
+    servers = (base[0], *variants, *base[1:])
+    with tempfile.TemporaryDirectory(prefix=f"bench-{prefix}-") as tmp:
         result = run(args.device, Path(tmp), args.mini, args.steps,
-                     [int(w) for w in args.waves.split(",")] if args.waves else None, args.sequential,
-                     GPU_SERVERS if args.gpu_servers else CPU_SERVERS)
+                     [int(w) for w in args.waves.split(",")] if args.waves else None, args.sequential, servers,
+                     rounds=args.rounds, **{name: getattr(args, name) for name in options})
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+
+
+def main(argv=None) -> None:
+    command_line(argv, __doc__, run, table, "cifar")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ every phase, so a run cut short still reports):
 - cifar: the field's CIFAR-10 DDPM architecture (a random-weight UNet2DModel of google/ddpm-cifar10-32's
   shape, 35.7M) served by this service compiled with CUDA graphs, against diffusers' DDIMPipeline behind
   a FastAPI app, eager and compiled: one request's p50 and images/s at 8 and 32 concurrent requests.
+- sd: SD 1.5's architecture (random weights, 512 px, 25-step DPM-Solver++(2M), guidance scale 7.5) served by
+  this service compiled with CUDA graphs, against diffusers' StableDiffusionPipeline behind a FastAPI app,
+  eager and with a compiled UNet: one request's p50 and images/s of 32 concurrent requests (bench/sd.py).
 - train: `python -m training` images/s against a plain diffusers UNet2DModel training step.
 
 Workload (unless --mini): DDIM 50 steps, guidance w = 2, bf16 on a GPU, class-conditional 1×28×28
@@ -327,24 +330,42 @@ def phase_train(ctx: Ctx, size: str) -> None:
         _train_ours(ctx, size, batch, 3 * steps, compile=True)
 
 
+def _side_by_side(ctx: Ctx, phase: str, result: dict) -> None:
+    """A side-by-side result (bench/cifar.py, bench/sd.py) as this phase's rows."""
+    for row in result["rows"]:
+        ctx.add(phase=phase, **{k: v for k, v in row.items() if k != "ours"})
+    for row in result["ratios"]:
+        ctx.add(phase=phase, what="this service / best diffusers", **row)
+    for server, seconds in result["ready_s"].items():
+        ctx.add(phase=phase, server=server, what="start-up to /readyz", seconds=seconds)
+
+
 def phase_cifar(ctx: Ctx, size: str) -> None:
     """The field's CIFAR-10 DDPM architecture (35.7M, 3×32×32) served by this service (compiled, CUDA
     graphs) and by diffusers' DDIMPipeline behind a FastAPI app, eager and compiled (bench/cifar.py)."""
     from bench import cifar
 
     servers = cifar.GPU_SERVERS if ctx.cuda else cifar.CPU_SERVERS[:2]
-    result = cifar.run(str(ctx.device), ctx.work, mini=ctx.mini, sequential=2 if ctx.mini else 5,
-                       waves=[2] if ctx.mini else [8, 32], servers=servers, log_dir=ctx.out)
-    for row in result["rows"]:
-        ctx.add(phase="cifar", **{k: v for k, v in row.items() if k != "ours"})
-    for row in result["ratios"]:
-        ctx.add(phase="cifar", what="this service / best diffusers", **row)
-    for server, seconds in result["ready_s"].items():
-        ctx.add(phase="cifar", server=server, what="start-up to /readyz", seconds=seconds)
+    _side_by_side(ctx, "cifar", cifar.run(str(ctx.device), ctx.work, mini=ctx.mini, sequential=2 if ctx.mini else 5,
+                                          waves=[2] if ctx.mini else [8, 32], servers=servers, log_dir=ctx.out))
+
+
+def phase_sd(ctx: Ctx, size: str) -> None:
+    """SD 1.5's architecture (random weights: UNet 860M, VAE, CLIP ViT-L/14 text encoder; 512 px), 25-step
+    DPM-Solver++(2M), guidance scale 7.5, served by this service (compiled, CUDA graphs) and by diffusers'
+    StableDiffusionPipeline behind a FastAPI app, eager and with a compiled UNet, bf16 (bench/sd.py): one
+    request's p50 and images/s of a wave of 32 concurrent requests. The servers start at once (their
+    compilations overlap, and dominate: aimed at about 90 s)."""
+    from bench import cifar, sd
+
+    servers = cifar.GPU_SERVERS if ctx.cuda else cifar.CPU_SERVERS[:2]
+    _side_by_side(ctx, "sd", sd.run(str(ctx.device), ctx.work, mini=ctx.mini, sequential=2 if ctx.mini else 3,
+                                    waves=[2] if ctx.mini else [32], servers=servers, log_dir=ctx.out))
 
 
 PHASES = {"engine": phase_engine, "reference": phase_reference, "service": phase_service, "cifar": phase_cifar,
-          "train": phase_train}
+          "sd": phase_sd, "train": phase_train}
+ONCE = ("cifar", "sd")  # not per size: after the first size's inference phases
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -394,10 +415,10 @@ def main(argv=None) -> int:
             "phases": phases, "steps": ctx.steps, "threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     failures = 0
-    # the first size's inference phases and the CIFAR case (once), then the next size's, then training
-    order = [(p, s) for s in sizes for p in phases if p not in ("train", "cifar")]
-    if "cifar" in phases:
-        order.insert(len([p for p in phases if p not in ("train", "cifar")]), ("cifar", sizes[0]))
+    # the first size's inference phases, the CIFAR and SD cases (once), then the next size's, then training
+    per_size = [p for p in phases if p not in ("train", *ONCE)]
+    order = [(p, s) for s in sizes for p in per_size]
+    order[len(per_size):len(per_size)] = [(p, sizes[0]) for p in phases if p in ONCE]
     order += [("train", s) for s in sizes if "train" in phases]
     for phase, size in order:
         if ctx.left() < 0:

@@ -10,7 +10,10 @@ thread, 1.09-1.19 s without; over HTTP, one DDIM-50 request of that model took 6
 service against 4.6-5.3 s in a plain diffusers app, its two threads 65-85 % busy instead of 100 %.
 That is also why one thread looked faster than two at small batches (the issue's 24 vs 32 ms at 1
 row): both were throttled. ``python -m service`` therefore starts with ``OMP_NUM_THREADS=1`` unless it
-is set, and the service's image conversions use NumPy, so the engine's thread alone runs a pool.
+is set, and the service's image conversions use NumPy, so the engine's thread alone runs a pool. It
+also sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is set: spinning workers collapse when anything else
+wants the cores (one request of the SD benchmark's reduced model beside a busy process: 9.8 s
+spinning, 3.9 s passive; idle: 2.07 s against 2.20 s; docs/service.md).
 
 Measured then, in-process on the engine's own thread, the default model (0.167 GFLOP a row, twice per
 guided row): two threads against one are 1.25-1.57× faster from 1.3 GFLOP an iteration (4 guided rows)

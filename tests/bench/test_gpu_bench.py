@@ -24,16 +24,17 @@ def test_gpu_script_in_miniature(tmp_path):
     report = json.loads((out / "results.json").read_text())
     assert not report["notes"], report["notes"]
     phases = {r["phase"] for r in report["results"]}
-    assert phases == {"engine", "reference", "service", "cifar", "train"}
-    cifar = [r for r in report["results"] if r["phase"] == "cifar"]
-    assert {r["server"] for r in cifar if "server" in r} == {"service", "diffusers-threads"}
-    assert all(r["throughput_ratio"] > 0 for r in cifar if "throughput_ratio" in r)
-    assert {r["concurrent"] for r in cifar if "images_per_s" in r} == {1, 2}
+    assert phases == {"engine", "reference", "service", "cifar", "sd", "train"}
+    for case in ("cifar", "sd"):
+        rows = [r for r in report["results"] if r["phase"] == case]
+        assert {r["server"] for r in rows if "server" in r} == {"service", "diffusers-threads"}
+        assert all(r["throughput_ratio"] > 0 for r in rows if "throughput_ratio" in r)
+        assert {r["concurrent"] for r in rows if "images_per_s" in r} == {1, 2}
     service = {r["what"].split(" (")[0]: r for r in report["results"] if r["phase"] == "service"}
     assert service["one request, idle"]["p50_s"] > 0 and "ratio_p99_to_idle" in next(
         r for r in report["results"] if r.get("what", "").startswith("mixed"))
     md = (out / "results.md").read_text()
-    assert "## engine" in md and "## reference" in md and "## cifar" in md and "## train" in md
+    assert "## engine" in md and "## reference" in md and "## cifar" in md and "## sd" in md and "## train" in md
 
 
 def test_the_graphed_diffusers_loop_is_the_same_ddim_as_the_scheduler():
@@ -73,3 +74,29 @@ def test_the_cifar_case_has_the_published_models_architecture():
     with torch.device("meta"):
         unet = UNet2DModel(**cifar.ARCH)
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 35.7
+
+
+def test_the_sd_case_has_sd15s_architecture():
+    """runwayml/stable-diffusion-v1-5: UNet 859.52M, VAE 83.65M, CLIP ViT-L/14 text encoder 123.06M parameters
+    (built here on the meta device), and its published scheduler config."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bench import sd
+    with torch.device("meta"):
+        nets = {"unet": UNet2DConditionModel(**sd.SD15["unet"]), "vae": AutoencoderKL(**sd.SD15["vae"]),
+                "text": CLIPTextModel(CLIPTextConfig(**sd.SD15["text"]))}
+    millions = {k: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for k, m in nets.items()}
+    assert millions == {"unet": 859.52, "vae": 83.65, "text": 123.06}
+    assert sd.SCHEDULER["beta_schedule"] == "scaled_linear" and sd.SCHEDULER["steps_offset"] == 1
+
+
+def test_the_sd_servers_get_the_same_request():
+    """The service and the diffusers app are asked for the same image: only the model and sampler names differ."""
+    from bench import sd
+
+    for seed in range(6):
+        ours, theirs = sd.body("service", seed, 25, 256, "m"), sd.body("diffusers", seed, 25, 256, "m")
+        assert {k: v for k, v in ours.items() if k not in ("model", "scheduler")} == theirs
+        assert ours["scheduler"] == "dpmpp_2m" and theirs["guidance_scale"] == 7.5
+    assert sum("negative_prompt" in sd.body("diffusers", seed, 25, 256, "m") for seed in range(6)) == 2
