@@ -141,18 +141,25 @@ def serving(servers, folder: Path, device: str, max_rows: int, log_dir: Path, pr
                 proc.kill()
 
 
-async def _wave(url: str, bodies: list[dict]) -> tuple[list[float], float]:
-    """Send ``bodies`` all at once; (latencies, wall seconds)."""
+async def _wave(url: str, bodies: list[dict]) -> tuple[list[float], float, dict[int, int]]:
+    """Send ``bodies`` all at once; (latencies of the answered ones, wall seconds, {status: count} of
+    the rest: a refusal, a timeout or an error is counted, never fatal)."""
     limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=len(bodies) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
         async def one(body):
             t0 = time.perf_counter()
-            r = await http.post("/generate", json=body)
-            r.raise_for_status()
-            return time.perf_counter() - t0
+            try:
+                status = (await http.post("/generate", json=body)).status_code
+            except httpx.HTTPError:
+                status = 0  # the connection failed
+            return status, time.perf_counter() - t0
         t0 = time.perf_counter()
-        lat = await asyncio.gather(*(one(b) for b in bodies))
-        return list(lat), time.perf_counter() - t0
+        answers = await asyncio.gather(*(one(b) for b in bodies))
+        failed: dict[int, int] = {}
+        for status, _ in answers:
+            if status != 200:
+                failed[status] = failed.get(status, 0) + 1
+        return [s for c, s in answers if c == 200], time.perf_counter() - t0, failed
 
 
 def measure(servers: dict, body: Callable[[str, int], dict], sequential: int, waves: list[int],
@@ -165,20 +172,28 @@ def measure(servers: dict, body: Callable[[str, int], dict], sequential: int, wa
     included: a load well above the cores means another process took its share)."""
     for kind, url in servers.values():
         asyncio.run(_wave(url, [body(kind, 999)]))  # first-request effects out of the way
-    got: dict[tuple[str, int], list[tuple[float, float, float]]] = {}  # (label, c) -> (p50, wall, load) per run
+    # (label, c) -> (p50, wall, load, answered) per run; failures by status
+    got: dict[tuple[str, int], list[tuple[float, float, float, int]]] = {}
+    failed: dict[tuple[str, int], dict[int, int]] = {}
     for c, repeats in [(1, sequential), *((c, rounds) for c in waves)]:
         for r in range(repeats):
             for label, (kind, url) in servers.items():
                 seeds = [r] if c == 1 else [100 * c + 1000 * r + k for k in range(c)]
-                lat, wall = asyncio.run(_wave(url, [body(kind, seed) for seed in seeds]))
-                got.setdefault((label, c), []).append((statistics.median(lat), wall, os.getloadavg()[0]))
+                lat, wall, bad = asyncio.run(_wave(url, [body(kind, seed) for seed in seeds]))
+                p50 = statistics.median(lat) if lat else float("nan")
+                got.setdefault((label, c), []).append((p50, wall, os.getloadavg()[0], len(lat)))
+                for status, n in bad.items():
+                    failed.setdefault((label, c), {})[status] = failed.get((label, c), {}).get(status, 0) + n
     rows = []
     for (label, c), runs in got.items():
-        wall = statistics.median(w for _, w, _ in runs)
+        wall = statistics.median(w for _, w, _, _ in runs)
+        answered = statistics.median(a for *_, a in runs)
         rows.append({"server": label, "ours": servers[label][0] == "service", "concurrent": c,
-                     "p50_s": statistics.median(p for p, _, _ in runs), "images_per_s": c / wall,
-                     "load": max(x for *_, x in runs)} | ({"wall_s": wall} if c > 1 else {})
-                    | ({"rounds_images_per_s": [round(c / w, 4) for _, w, _ in runs]} if c > 1 and rounds > 1 else {}))
+                     "p50_s": statistics.median(p for p, _, _, _ in runs), "images_per_s": answered / wall,
+                     "load": max(x for _, _, x, _ in runs)} | ({"wall_s": wall} if c > 1 else {})
+                    | ({"failed": {str(k): v for k, v in failed[label, c].items()}} if (label, c) in failed else {})
+                    | ({"rounds_images_per_s": [round(a / w, 4) for _, w, _, a in runs]} if c > 1 and rounds > 1
+                       else {}))
     return rows
 
 
@@ -228,9 +243,10 @@ def run(device: str, work: Path, mini: bool = False, steps: int | None = None, w
 
 def tables(result: dict) -> list[str]:
     """The rows and the ratios of a result, as Markdown lines."""
-    lines = ["| server | concurrent requests | images/s | p50 s | load |", "|---|---|---|---|---|"]
+    lines = ["| server | concurrent requests | images/s | p50 s | load | not answered |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['server']} | {r['concurrent']} | {r['images_per_s']:.3f} | {r['p50_s']:.2f} | "
-              f"{r.get('load', 0):.1f} |" for r in result["rows"]]
+              f"{r.get('load', 0):.1f} | {', '.join(f'{n}× {k}' for k, n in r.get('failed', {}).items()) or '–'} |"
+              for r in result["rows"]]
     lines += ["", "| ours | concurrent | images/s, ours / best diffusers | p50, best diffusers / ours |",
               "|---|---|---|---|"]
     lines += [f"| {r['server']} | {r['concurrent']} | {r['throughput_ratio']:.2f}× ({r['throughput_vs']}) | "

@@ -75,8 +75,8 @@ async def burst(url: str, n: int, deadline: float, steps: int, seed: int) -> dic
 
 def run(device: str, work: Path, mini: bool = False, deadline: float | None = None,
         sizes: list[int] | None = None, steps: int | None = None) -> dict:
-    deadline = deadline or (6.0 if mini else 20.0)
-    sizes = sizes or ([4, 8] if mini else [8, 16, 32, 64])
+    deadline = deadline or (4.0 if mini else 20.0)
+    sizes = sizes or ([4] if mini else [8, 16, 32, 64])
     steps = steps or (10 if mini else 50)
     rows = []
     with serving(SERVERS, MODEL, device, 64, work, "goodput") as (urls, ready):

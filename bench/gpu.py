@@ -363,9 +363,21 @@ def phase_sd(ctx: Ctx, size: str) -> None:
                                     waves=[2] if ctx.mini else [32], servers=servers, log_dir=ctx.out))
 
 
+def phase_goodput(ctx: Ctx, size: str) -> None:
+    """Bursts of 8-image DDIM-50 requests of the default model with a deadline, under admission by rows,
+    one request at a time and goodput (bench/goodput.py): answered in time, refused, timed out. On a
+    GPU the deadline is 2 s and the bursts 16 and 64 requests (up to 512 images), so that they overload."""
+    from bench import goodput
+
+    result = goodput.run(str(ctx.device), ctx.work, mini=ctx.mini, deadline=None if ctx.mini else 2.0,
+                         sizes=None if ctx.mini else [16, 64])
+    for row in result["rows"]:
+        ctx.add(phase="goodput", deadline_s=result["deadline_s"], **row)
+
+
 PHASES = {"engine": phase_engine, "reference": phase_reference, "service": phase_service, "cifar": phase_cifar,
-          "sd": phase_sd, "train": phase_train}
-ONCE = ("cifar", "sd")  # not per size: after the first size's inference phases
+          "sd": phase_sd, "goodput": phase_goodput, "train": phase_train}
+ONCE = ("cifar", "sd", "goodput")  # not per size: after the first size's inference phases
 
 
 # --- report -----------------------------------------------------------------------------------

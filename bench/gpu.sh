@@ -38,7 +38,7 @@ fi
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 # MINI=1 DEVICE=cpu: the miniature the CI runs (tests/bench), so this script cannot rot unnoticed
 timeout "${BENCH_TIMEOUT:-510}" "$PYTHON" -m bench.gpu --device "${DEVICE:-cuda}" --sizes "${SIZES:-small,large}" \
-  --phases "${PHASES:-engine,reference,service,cifar,sd,train}" --budget-s "${BUDGET_S:-390}" --out "$OUT" \
+  --phases "${PHASES:-engine,reference,service,cifar,sd,goodput,train}" --budget-s "${BUDGET_S:-390}" --out "$OUT" \
   ${MINI:+--mini} 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
 status=${PIPESTATUS[0]}
 cat "$OUT"/service-*.log 2>/dev/null | tail -n 40 > "$OUT/service-tail.log"

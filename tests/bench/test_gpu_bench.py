@@ -24,7 +24,10 @@ def test_gpu_script_in_miniature(tmp_path):
     report = json.loads((out / "results.json").read_text())
     assert not report["notes"], report["notes"]
     phases = {r["phase"] for r in report["results"]}
-    assert phases == {"engine", "reference", "service", "cifar", "sd", "train"}
+    assert phases == {"engine", "reference", "service", "cifar", "sd", "goodput", "train"}
+    bursts = [r for r in report["results"] if r["phase"] == "goodput"]
+    assert {r["policy"] for r in bursts} == {"rows", "fifo", "goodput"}
+    assert all(r["answered"] + r["refused"] + r["timed_out"] + r["other"] == r["n"] for r in bursts)
     for case in ("cifar", "sd"):
         rows = [r for r in report["results"] if r["phase"] == case]
         assert {r["server"] for r in rows if "server" in r} == {"service", "diffusers-threads"}
@@ -34,7 +37,7 @@ def test_gpu_script_in_miniature(tmp_path):
     assert service["one request, idle"]["p50_s"] > 0 and "ratio_p99_to_idle" in next(
         r for r in report["results"] if r.get("what", "").startswith("mixed"))
     md = (out / "results.md").read_text()
-    assert "## engine" in md and "## reference" in md and "## cifar" in md and "## sd" in md and "## train" in md
+    assert "## engine" in md and "## reference" in md and "## cifar" in md and "## sd" in md and "## goodput" in md and "## train" in md
 
 
 def test_the_graphed_diffusers_loop_is_the_same_ddim_as_the_scheduler():
