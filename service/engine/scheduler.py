@@ -127,7 +127,9 @@ def plan(waiting: Sequence[Ticket], running: Iterable[Ticket], max_rows: int, po
     for t in alive:
         if t.model in blocked:
             continue
-        limit = max_rows if policy.short(t) else max_rows - policy.reserve_rows
+        # the reserved rows are for latency-sensitive requests, unless nothing of the model runs (a
+        # request larger than the rest would otherwise never start)
+        limit = max_rows if policy.short(t) or not rows.get(t.model) else max_rows - policy.reserve_rows
         verdict = load.judge(t, policy.margin) if load.measures(t) else "admit"
         if verdict == "refuse":
             out.refuse.append((t.key, load.earliest_finish(t), load.backlog_s(t)))

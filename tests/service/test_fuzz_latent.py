@@ -6,8 +6,6 @@ prompts, guidance scales and edits of any size reach the latent engine; every an
 from __future__ import annotations
 
 import shutil
-import time
-from collections import Counter
 
 import pytest
 
@@ -15,14 +13,12 @@ schemathesis = pytest.importorskip("schemathesis", reason="schemathesis (a dev d
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.python.asgi import shutdown_lifespans  # noqa: E402
-from schemathesis.specs.openapi.checks import negative_data_rejection  # noqa: E402
 
 from service.api import create_app  # noqa: E402
 from tests.sd_models import SD_SPECS, save  # noqa: E402
-from tests.service.test_fuzz import CHECKS  # noqa: E402
+from tests.service.test_fuzz import fuzz  # noqa: E402
 
 BUDGET = {("POST", "/generate"): 300, ("POST", "/v1/images/generations"): 200, ("POST", "/v1/images/edits"): 200,
           ("GET", "/models"): 20, ("GET", "/v1/models/{model}"): 50}
@@ -48,21 +44,6 @@ def schema(checkpoint_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("method,path,mode,budget", MODES, ids=[f"{m} {p} {g.value}" for m, p, g, _ in MODES])
 def test_contract_with_a_latent_default_model(schema, method, path, mode, budget):
-    op = schema[path][method]
-    checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
-    answers: Counter = Counter()
-
-    @given(case=op.as_strategy(generation_mode=mode))
-    @settings(max_examples=budget, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
-    def check(case):
-        response = case.call()
-        answers[response.status_code, (response.headers.get("content-type") or [""])[0].split(";")[0]] += 1
-        case.validate_response(response, checks=checks)
-
-    started = time.perf_counter()
-    check()
-    print(f"\n{method} {path} [{mode.value}]: {answers.total()} cases in {time.perf_counter() - started:.1f} s: "
-          + ", ".join(f"{n}× {s} {t}" for (s, t), n in answers.most_common()))
+    answers = fuzz(schema[path][method], mode, budget, f"{method} {path}")
     if path == "/generate" and mode is GenerationMode.POSITIVE:  # the latent engine ran
         assert answers[200, "application/json"] or answers[200, "text/event-stream"], answers

@@ -193,3 +193,11 @@ def test_another_image_size_is_predicted_from_the_native_one():
     p = plan([T(1, rows=6, model="m", batch="m@96x64", deadline=100, work=1)], [T(9, rows=4, deadline=100)], 8,
              GOODPUT, costs)
     assert p.admit == []
+
+
+def test_a_bulk_request_as_large_as_the_batch_starts_when_nothing_else_runs():
+    """Reserved rows wait for latency-sensitive requests only while something runs: an 8-image bulk
+    request with max_rows 8 and 1 reserved row would otherwise never start."""
+    policy = Policy(reserve_rows=1, order="fifo", goodput=False)
+    assert plan([T(1, rows=8, work=50)], [], 8, policy).admit == [1]
+    assert plan([T(1, rows=8, work=50)], [T(9, rows=1, work=50)], 8, policy).admit == []
