@@ -41,6 +41,7 @@ class CostModel:
     estimates: dict[str, dict[int, float]] = field(default_factory=dict)  # model -> bucket -> seconds
     counts: dict[str, dict[int, int]] = field(default_factory=dict)
     aliases: dict[str, tuple[str, float]] = field(default_factory=dict)  # model -> (base model, row factor)
+    fastest: dict[str, dict[int, float]] = field(default_factory=dict)  # model -> bucket -> least seconds seen
 
     def observe(self, model: str, rows: int, seconds: float) -> None:
         """One measured iteration of ``model`` with ``rows`` network rows."""
@@ -52,6 +53,8 @@ class CostModel:
         old = table.get(b)
         table[b] = scaled if old is None else (1 - self.smoothing) * old + self.smoothing * scaled
         counts[b] = counts.get(b, 0) + 1
+        least = self.fastest.setdefault(model, {})
+        least[b] = min(least.get(b, math.inf), scaled)
 
     def known(self, model: str) -> bool:
         if self.estimates.get(model):
@@ -59,13 +62,16 @@ class CostModel:
         base = self.aliases.get(model)
         return base is not None and bool(self.estimates.get(base[0]))
 
-    def cost(self, model: str, rows: int) -> float:
+    def cost(self, model: str, rows: int, fastest: bool = False) -> float:
         """Predicted seconds of one iteration of ``model`` over ``rows`` network rows (0 for none;
-        0 for a model never measured: nothing is known, nothing is refused)."""
-        table = self.estimates.get(model)
+        0 for a model never measured: nothing is known, nothing is refused). ``fastest``: from the
+        least seconds ever measured instead of the running estimates (the machine at its best: what
+        a refusal rests on, so that a slow spell (another process on the cores) cannot make the
+        service refuse everything, and never run again to learn better)."""
+        table = (self.fastest if fastest else self.estimates).get(model)
         if not table and model in self.aliases:
             base, factor = self.aliases[model]
-            return self.cost(base, max(1, math.ceil(rows * factor))) if rows > 0 else 0.0
+            return self.cost(base, max(1, math.ceil(rows * factor)), fastest) if rows > 0 else 0.0
         if rows <= 0 or not table:
             return 0.0
         sizes = sorted(table)
@@ -80,9 +86,9 @@ class CostModel:
         return table[lo] + (table[hi] - table[lo]) * (rows - lo) / (hi - lo)
 
     def best_rate(self, model: str) -> float:
-        """The most network-row evaluations per second any measured batch size reached (inf when
+        """The most network-row evaluations per second any measured batch size reached, ever (inf when
         nothing is measured)."""
-        table = self.estimates.get(model)
+        table = self.fastest.get(model)
         if not table and model in self.aliases:
             base, factor = self.aliases[model]
             return self.best_rate(base) / factor
@@ -93,9 +99,9 @@ class CostModel:
         (another image size of a model: a row of it costs about its pixels' share)."""
         self.aliases[model] = (base, float(factor))
 
-    def iteration_s(self, rows: Mapping[str, int]) -> float:
+    def iteration_s(self, rows: Mapping[str, int], fastest: bool = False) -> float:
         """Predicted seconds of one engine iteration with these network rows per model."""
-        return sum(self.cost(m, n) for m, n in rows.items())
+        return sum(self.cost(m, n, fastest) for m, n in rows.items())
 
     def knee(self, model: str, largest: int) -> int:
         """The fewest network rows (a power of two) that no larger measured batch beats by

@@ -112,8 +112,8 @@ class Engine:
         work = self.batches[spec.model].evaluations(spec)
         key, net = self.batches.key(spec), self.batches.network_rows(spec)
         if timeout_s is not None and self.policy.goodput and self.costs.known(key):
-            alone = work * self.costs.cost(key, net)
-            if alone * self.policy.margin > timeout_s:  # even alone, on an idle engine
+            alone = work * self.costs.cost(key, net, fastest=True)
+            if alone * self.policy.margin > timeout_s:  # even alone, on an idle engine, at its fastest
                 self.observer.refused(spec.model, "deadline")
                 raise Refused(alone, timeout_s, self._backlog_s, alone=True)
         with self._cv:

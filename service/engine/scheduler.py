@@ -210,15 +210,19 @@ class _Load:
         """The sooner of two predictions: joining now beside what runs (when nothing waits ahead of it
         and the knee lets it), or once the batch's rows in flight have drained, after the work waiting
         ahead of it (done at the batch's best measured rate, batched together), and never sooner than
-        its own evaluations one after another."""
-        rows = self._rows(t)
+        its own evaluations one after another. Optimistic: from the fastest iterations ever measured
+        (what a refusal rests on: a slow spell must not refuse what the machine can do)."""
+        costs, rows = self.costs, self._rows(t)
+        drain = self.longest.get(t.cost_key, 0) * costs.iteration_s(rows, fastest=True)
+        now = dict(rows)
+        now[t.cost_key] = now.get(t.cost_key, 0) + t.network
         rows[t.cost_key] = t.network
-        alone = t.left * self.costs.iteration_s(rows)
+        alone = t.left * costs.iteration_s(rows, fastest=True)
         ahead = self.ahead.get(t.cost_key, 0.0)
-        later = self._drain_s(t) + max(alone, (ahead + t.left * t.network) / self.costs.best_rate(t.cost_key))
+        later = drain + max(alone, (ahead + t.left * t.network) / costs.best_rate(t.cost_key))
         if ahead or self._knee_blocks(t):
             return later
-        return min(self.finish_if_admitted(t), later)
+        return min(t.left * costs.iteration_s(now, fastest=True), later)
 
     def backlog_s(self, t: Ticket) -> float:
         """Seconds until what runs and waits ahead of t in its batch is done (a retry's delay)."""
@@ -234,7 +238,10 @@ class _Load:
         if t.deadline_s is not None:
             if self.earliest_finish(t) * margin > t.deadline_s:
                 return "refuse"
-            if t.left * after * margin > t.deadline_s:
+            # with nothing of its batch running, judged as the refusal was (optimistically): a request
+            # that is not refused then starts, and its iterations correct the estimates
+            idle = not self._rows(t).get(t.cost_key) and not self.ahead.get(t.cost_key)
+            if not idle and t.left * after * margin > t.deadline_s:
                 return "wait"
         for j in self.deadlines:
             still_on_time = j.left * before * margin <= j.deadline_s

@@ -201,3 +201,19 @@ def test_a_bulk_request_as_large_as_the_batch_starts_when_nothing_else_runs():
     policy = Policy(reserve_rows=1, order="fifo", goodput=False)
     assert plan([T(1, rows=8, work=50)], [], 8, policy).admit == [1]
     assert plan([T(1, rows=8, work=50)], [T(9, rows=1, work=50)], 8, policy).admit == []
+
+
+def test_a_slow_spell_does_not_make_the_engine_refuse_what_the_machine_can_do():
+    """Iterations measured 10x slower for a while (another process on the cores) raise the running
+    estimates, not the fastest ones a refusal rests on: with nothing running, a request that the
+    machine at its best can finish starts, and its own iterations bring the estimates back."""
+    costs = linear_costs(0.0, 0.1)
+    for _ in range(20):
+        for n in (1, 2, 4, 8):
+            costs.observe("m", n, 1.0 * n)  # 10x slower than before
+    assert costs.cost("m", 1) > 0.9 and abs(costs.cost("m", 1, fastest=True) - 0.1) < 1e-9
+    p = plan([T(1, rows=1, work=10, deadline=3.0)], [], 64, GOODPUT, costs)  # 1 s at its best, 10 s now
+    assert p.admit == [1] and p.refuse == []
+    # beside running work the running estimates still decide: it waits rather than slowing others
+    p = plan([T(1, rows=1, work=10, deadline=3.0)], [T(9, rows=1, remaining=1, deadline=100)], 64, GOODPUT, costs)
+    assert p.admit == [] and p.refuse == []
