@@ -42,7 +42,8 @@ class Sampling(BaseModel):
     timeout_s: float | None = Field(None, strict=True, gt=0, allow_inf_nan=False, description="This request's "
                                     "deadline in seconds from now (at most the service's max_timeout_s; default: its "
                                     "request_timeout_s). A request the service predicts cannot finish by it is "
-                                    "refused at once (503, Retry-After) instead of timing out.")
+                                    "refused at once (503, Retry-After; a 422 if it could not finish even alone) "
+                                    "instead of timing out.")
     bulk: bool = Field(False, strict=True, description="No deadline: the request runs in the capacity that "
                        "requests with deadlines leave, and yields to them (waits up to max_timeout_s).")
     eta: float | None = Field(None, strict=True, ge=0, allow_inf_nan=False,

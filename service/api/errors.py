@@ -107,6 +107,8 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     if is_openai(request):
         if exc.status_code == 400 and exc.__cause__ is not None:
             return openai_error(400, "We could not parse the JSON body of your request.", code="invalid_json")
+        if exc.status_code == 422 and isinstance(exc.detail, list):  # field errors raised by a route
+            return _openai_invalid(exc.detail)
         detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
         if exc.status_code == 404 and not isinstance(exc.detail, dict):
             detail = {"message": f"Invalid URL ({request.method} {request.url.path})"}

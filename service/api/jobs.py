@@ -19,6 +19,9 @@ def submit(engine: Engine, spec: GenerationSpec, listener=None) -> Job:
     except QueueFull as e:
         raise HTTPException(429, str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
     except Refused as e:
+        if e.alone:  # retrying will not help: the request is the problem, like a field out of range
+            raise HTTPException(422, [{"field": "timeout_s", "msg": str(e), "type": "value_error",
+                                       "loc": ["body", "timeout_s"]}]) from None
         raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
     except EngineClosed as e:
         raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None

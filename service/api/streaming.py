@@ -60,6 +60,8 @@ def failure(error: BaseException) -> Failed:
     """An engine error as an HTTP status and message."""
     if isinstance(error, DeadlineExceeded):
         return Failed(504, str(error))
+    if isinstance(error, Refused) and error.alone:
+        return Failed(422, str(error))
     if isinstance(error, Refused):
         return Failed(503, str(error), {"Retry-After": str(error.retry_after_s)})
     if isinstance(error, EngineClosed):

@@ -40,13 +40,14 @@ class Refused(EngineError):
     def __init__(self, predicted_s: float, deadline_s: float, retry_after_s: float, alone: bool = False):
         retry = max(1, math.ceil(retry_after_s))
         if alone:
-            why = (f"cannot finish within its deadline even alone: predicted {predicted_s:.1f} s against "
-                   f"{deadline_s:.1f} s; give a longer timeout_s (or fewer steps or images)")
+            why = (f"cannot finish within its deadline even alone: predicted {predicted_s:.3g} s against "
+                   f"{deadline_s:.3g} s; give a longer timeout_s (or fewer steps or images)")
         else:
             why = (f"cannot finish within its deadline: predicted {predicted_s:.1f} s against {deadline_s:.1f} s left "
                    f"behind the work in flight; retry in about {retry} s, or give a longer timeout_s")
         super().__init__(why)
         self.predicted_s, self.deadline_s, self.retry_after_s = predicted_s, deadline_s, retry
+        self.alone = alone  # the request itself is infeasible (a 422 naming timeout_s), not the load (a 503)
 
 
 class GenerationFailed(EngineError):

@@ -75,10 +75,12 @@ def test_an_impossible_deadline_is_refused_at_once_in_every_api_shape(make_setti
         return native, stream, openai, bulk, too_long, both
 
     native, stream, openai, bulk, too_long, both = serve(make_settings(max_images=8), body)
-    assert native.status_code == 503 and "even alone" in native.json()["detail"]
-    assert int(native.headers["retry-after"]) >= 1
-    assert stream.status_code == 503 and "deadline" in stream.json()["detail"]
-    assert openai.status_code == 503 and openai.json()["error"]["message"].startswith("cannot finish")
+    # Infeasible as asked (not overload): a 422 naming timeout_s, no Retry-After; OpenAI's 400 naming it.
+    assert native.status_code == 422 and "retry-after" not in native.headers
+    assert native.json()["detail"][0]["field"] == "timeout_s" and "even alone" in native.json()["detail"][0]["msg"]
+    assert stream.status_code == 422 and "deadline" in stream.json()["detail"][0]["msg"]
+    assert openai.status_code == 400 and openai.json()["error"]["param"] == "timeout_s"
+    assert "cannot finish" in openai.json()["error"]["message"]
     assert bulk.status_code == 200  # no deadline: never refused for one
     assert too_long.status_code == 422 and too_long.json()["detail"][0]["field"] == "timeout_s"
     assert both.status_code == 422 and both.json()["detail"][0]["field"] == "bulk"
