@@ -14,7 +14,7 @@ import numpy as np
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from diffusion import SAMPLERS, ConditionError, Pipeline, edits
+from diffusion import SAMPLERS, ConditionError, ModelCard, Pipeline, edits
 from diffusion.imaging import has_alpha, image_tensor, mask_tensor
 
 from service import images
@@ -32,16 +32,9 @@ class FieldErrors(ValueError):
         self.errors = errors
 
 
-class UnknownModel(LookupError):
-    def __init__(self, name: str, known: list[str]):
-        super().__init__(f"unknown model {name!r}; available: {', '.join(known)}")
-
-
 def model_name(req: GenerateRequest, registry: ModelRegistry) -> str:
-    name = req.model if req.model is not None else registry.default
-    if name not in registry:
-        raise UnknownModel(name, registry.names())
-    return name
+    """The model a request names (its alias resolved), or the default; UnknownModel."""
+    return registry.resolve(req.model)
 
 
 class Prepared(NamedTuple):
@@ -264,8 +257,8 @@ def _preview_errors(req: GenerateRequest, stream: bool, minimum: int) -> list[tu
     return []
 
 
-def describe(name: str, pipe: Pipeline, default: bool, settings: Settings | None = None) -> ModelInfo:
-    card = pipe.card
+def describe(name: str, card: ModelCard, default: bool, settings: Settings | None = None, state: str = "resident",
+             error: str | None = None) -> ModelInfo:
     c, h, w = card.image_shape
     bound = settings.max_size if settings is not None else None
     sizes = f"multiples of {card.scale}" + (f" up to {bound}" if bound else "") if card.resizable else "native only"
@@ -279,4 +272,4 @@ def describe(name: str, pipe: Pipeline, default: bool, settings: Settings | None
         num_timesteps=card.num_timesteps, prediction=card.prediction, default_scheduler=card.default_scheduler,
         default_steps=card.default_steps, default_guidance=card.default_guidance,
         default_guidance_scale=card.default_guidance + 1, default_clip=card.default_clip,
-        max_prompt_tokens=card.max_prompt_tokens, schedulers=list(SAMPLERS))
+        max_prompt_tokens=card.max_prompt_tokens, schedulers=list(SAMPLERS), state=state, error=error)

@@ -19,6 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -54,6 +55,19 @@ class Metrics:
         self.prediction_ratio = Histogram("diffusion_prediction_ratio", "Actual over predicted seconds from "
                                           "admission to the last image (the cost model's error; 1 is exact)",
                                           ["model"], buckets=RATIO_BUCKETS, registry=r)
+        self.model_loads = Counter("diffusion_model_loads_total", "Models loaded onto the device: kind=load (a "
+                                   "first load, or after an eviction) or reload (new weights swapped in)",
+                                   ["model", "kind"], registry=r)
+        self.model_failures = Counter("diffusion_model_load_failures_total", "Loads and reloads that failed (a "
+                                      "failed reload keeps the old weights serving)", ["model", "kind"], registry=r)
+        self.model_evictions = Counter("diffusion_model_evictions_total", "Idle models evicted from the device to "
+                                       "make room within the model memory budget", ["model"], registry=r)
+        self.model_unloads = Counter("diffusion_model_unloads_total", "Models taken out of service (admin unload, "
+                                     "or their files removed)", ["model"], registry=r)
+        self.model_load_s = Histogram("diffusion_model_load_seconds", "Seconds to load a model (read, build, "
+                                      "hand to the engine)", ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.model_bytes = Gauge("diffusion_model_resident_bytes", "Bytes of a model's weights on the device",
+                                 ["model"], registry=r)
         self.depth = Gauge("diffusion_queue_depth", "Requests waiting for rows", registry=r)
         self.depth.set_function(queue_depth)
         self.in_flight = Gauge("diffusion_rows_in_flight", "Images being denoised", registry=r)
@@ -79,8 +93,38 @@ class Metrics:
             for reason in ("deadline", "queue_full"):
                 self.refusals_total.labels(m, reason)
             self.prediction_ratio.labels(m)
+            for kind in ("load", "reload"):
+                self.model_loads.labels(m, kind)
+                self.model_failures.labels(m, kind)
+            self.model_evictions.labels(m)
+            self.model_unloads.labels(m)
+            self.model_load_s.labels(m)
+            self.model_bytes.labels(m)
             for s in schedulers:
                 self.duration.labels(m, s)
+
+    # --- the model registry's observer ---------------------------------------------------------------
+    def declared(self, name: str) -> None:
+        """A model appeared: its series start at zero."""
+        from diffusion import SAMPLERS
+
+        self.declare([name], list(SAMPLERS))
+
+    def loaded(self, name: str, kind: str, seconds: float, nbytes: int) -> None:
+        self.model_loads.labels(name, kind).inc()
+        self.model_load_s.labels(name).observe(seconds)
+        self.model_bytes.labels(name).set(nbytes)
+
+    def load_failed(self, name: str, kind: str) -> None:
+        self.model_failures.labels(name, kind).inc()
+
+    def evicted(self, name: str) -> None:
+        self.model_evictions.labels(name).inc()
+        self.model_bytes.labels(name).set(0)
+
+    def unloaded(self, name: str) -> None:
+        self.model_unloads.labels(name).inc()
+        self.model_bytes.labels(name).set(0)
 
     # --- the engine's Observer ------------------------------------------------------------------
     def queue_wait(self, model: str, seconds: float) -> None:

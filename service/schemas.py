@@ -155,11 +155,20 @@ class ModelInfo(BaseModel):
     default_clip: str
     max_prompt_tokens: int | None = Field(description="Text models: the longest prompt, in tokens.")
     schedulers: list[str]
+    state: str = Field("resident", description="resident (on the device), available (loaded at its next "
+                       "request), loading, or failed (its last load failed: see error)")
+    error: str | None = Field(None, description="Why its last load or reload failed (a failed reload keeps the "
+                              "old weights serving).")
 
 
 class ModelList(BaseModel):
     default: str
-    models: list[ModelInfo]
+    models: list[ModelInfo] = Field(description="Every model a request may name whose details are known (it was "
+                                    "loaded once).")
+    not_loaded_yet: list[str] = Field(default_factory=list, description="Models a request may name that were never "
+                                      "loaded (their details come with their first load), with their state.")
+    aliases: dict[str, str] = Field(default_factory=dict, description="Names that stand for a model "
+                                    "(the checkpoint directory's aliases.json).")
 
 
 class ErrorItem(BaseModel):

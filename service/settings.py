@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -37,6 +38,16 @@ class Settings(BaseSettings):
     default_model: str | None = Field(None, description="model used when a request names none "
                                       "(default: mnist-text-compact if present, else the first by name)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
+    model_control: str = Field("poll", description="how models change while the service runs: poll (rescan "
+                               "checkpoint_dir every poll_s: new models appear, changed ones reload, removed ones "
+                               "unload) | explicit (only through the admin API) | none (scanned once at start-up; "
+                               "a broken file stops the start)")
+    poll_s: float = Field(5.0, gt=0, description="seconds between two scans of checkpoint_dir (model_control=poll)")
+    model_memory: str = Field("0.6", description="device memory that model weights may take: a fraction of the "
+                              "GPU's memory (on the CPU, of the RAM), or a size such as 8GB or 512MiB; the least "
+                              "recently used idle model is evicted to load another")
+    admin_key: SecretStr | None = Field(None, description="bearer key of the admin API (/admin/models: load, "
+                                        "unload, reload); unset: the admin API is off")
 
     compile: str = Field("off", description="torch.compile the network and the sampler math (one dynamic-batch "
                          "compilation, batches padded to buckets): off | default | max-autotune-no-cudagraphs | "
@@ -169,6 +180,31 @@ class Settings(BaseSettings):
         if v not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error, got {value!r}")
         return v
+
+    @field_validator("model_control")
+    @classmethod
+    def _control(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v not in ("none", "poll", "explicit"):
+            raise ValueError(f"model_control must be none, poll or explicit, got {value!r}")
+        return v
+
+    @field_validator("model_memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        from service.registry import memory_budget
+
+        try:
+            if memory_budget(value, torch.device("meta")) <= 0:
+                raise ValueError
+        except (ValueError, TypeError):
+            raise ValueError(f"model_memory must be a fraction (0.6) or a size (8GB, 512MiB), got {value!r}") from None
+        return value
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _no_empty_key(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 
 from diffusion import SAMPLERS
-from service.api import openai_api, playground
+from service.api import admin, openai_api, playground
 from service.api.errors import http_error, too_large, validation_error
 from service.api.middleware import BodyLimit, BodyTooLarge, RequestLog
 from service.api.openapi import add_models
@@ -25,7 +25,7 @@ from service.images import TooLarge
 from service.metrics import Metrics
 from service.openai_schemas import EDIT_STREAM_EVENTS
 from service.openai_schemas import STREAM_EVENTS as OPENAI_STREAM_EVENTS
-from service.registry import ModelRegistry, resolve_device
+from service.registry import ModelRegistry, memory_budget, resolve_device
 from service.schemas import STREAM_EVENTS
 from service.settings import Settings
 
@@ -36,9 +36,11 @@ log = logging.getLogger("service")
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     device = resolve_device(settings.device)
-    registry = await asyncio.to_thread(ModelRegistry.load, settings.checkpoint_dir, device, settings.default_model,
-                                       int(settings.condition_cache_mb * 2**20))
     metrics: Metrics = app.state.metrics
+    registry = await asyncio.to_thread(
+        ModelRegistry.load, settings.checkpoint_dir, device, settings.default_model,
+        int(settings.condition_cache_mb * 2**20), budget_bytes=memory_budget(settings.model_memory, device),
+        mode=settings.model_control, poll_s=settings.poll_s, room_wait_s=settings.max_timeout_s, observer=metrics)
     accel = settings.acceleration(device.type)
     engine = Engine(registry.pipelines, max_rows=settings.max_batch_rows, max_queue=settings.max_queue,
                     observer=metrics, max_steps=settings.max_steps, accel=accel, policy=settings.policy(),
@@ -53,6 +55,7 @@ async def lifespan(app: FastAPI):
     metrics.watch(lambda: engine.queue_depth, lambda: engine.rows_in_flight)
     metrics.declare(registry.names(), list(SAMPLERS))
     engine.start()
+    registry.attach(engine)
     app.state.registry, app.state.engine = registry, engine
     log.info({"event": "ready", "models": registry.names(), "default": registry.default, "device": str(device),
               "max_batch_rows": settings.max_batch_rows, "max_queue": settings.max_queue})
@@ -60,6 +63,7 @@ async def lifespan(app: FastAPI):
         yield
     finally:
         log.info({"event": "shutdown", "queued": engine.queue_depth, "rows_in_flight": engine.rows_in_flight})
+        registry.close()
         await asyncio.to_thread(engine.shutdown, settings.shutdown_grace_s)
 
 
@@ -74,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(openai_api.router)
     app.include_router(playground.router)
+    app.include_router(admin.router)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(TooLarge, too_large)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from service import render
 from service.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep, require_key
 from service.api.errors import openai_body
-from service.api.jobs import submit, timeout, wait
+from service.api.jobs import charged, hold, submit, timeout, wait
 from service.api.openapi import event_stream
 from service.api import openai_forms
 from service.api.openai_forms import invalid
@@ -32,7 +32,8 @@ from service.openai_schemas import (EDIT_STREAM_EVENTS, STREAM_EVENTS, Completed
                                     EditPartialImageEvent, ImageData, ImageEditRequest, ImageGenerationRequest,
                                     ImagesResponse, ImageVariationRequest, OpenAIErrorResponse, OpenAIModel,
                                     OpenAIModelList, OpenAIStreamError, PartialImageEvent)
-from service.registry import ModelRegistry
+from diffusion import ModelCard
+from service.registry import ModelRegistry, UnknownModel
 from service.schemas import Editing, GenerateRequest, Sampling
 from service.settings import Settings
 
@@ -50,25 +51,29 @@ def image_size(shape) -> str:
     return f"{shape[2]}x{shape[1]}"
 
 
-def native(req: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest,
-           registry: ModelRegistry) -> tuple[GenerateRequest, str]:
-    """The native request this one stands for (its images aside), and its image size; 400 or 404 for
-    what cannot be served."""
+def resolve(req, registry: ModelRegistry) -> str:
+    """The model the request means (an alias resolved, or the default); OpenAI's 404 when none."""
+    try:
+        return registry.resolve(req.model)
+    except UnknownModel:
+        raise HTTPException(404, {"message": f"The model '{req.model}' does not exist; available: "
+                                  f"{', '.join(registry.names())}", "param": "model",
+                                  "code": "model_not_found"}) from None
+
+
+def native(req: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest, name: str,
+           card: ModelCard) -> tuple[GenerateRequest, str]:
+    """The native request this one stands for (its images aside) on model ``name``, and its image
+    size; 400 for what cannot be served."""
     if req.response_format == "url":
         raise invalid("response_format", "response_format 'url' is not supported: this service returns images "
                       "inline only; use 'b64_json' (the default).", "unsupported_value")
     stream = bool(getattr(req, "stream", None))
-    name = req.model if req.model is not None else registry.default
-    if name not in registry:
-        raise HTTPException(404, {"message": f"The model '{req.model}' does not exist; available: "
-                                  f"{', '.join(registry.names())}", "param": "model",
-                                  "code": "model_not_found"}) from None
-    card = registry[name].card
     # OpenAI's prompt is required; an unconditional model takes the empty one as no prompt
     prompt = None if req.prompt == "" and card.conditioning == "none" else req.prompt
     shared = set(Sampling.model_fields) | set(Editing.model_fields)
     fields = {**req.model_dump(include=shared & set(type(req).model_fields), exclude_none=True), "prompt": prompt,
-              "model": req.model, "num_images": req.n or 1, "stream": stream,
+              "model": name, "num_images": req.n or 1, "stream": stream,
               "class_label": getattr(req, "class_label", None)}
     partial = getattr(req, "partial_images", None)
     if stream and partial:
@@ -118,25 +123,34 @@ async def _serve(req, request: Request, settings: Settings, registry: ModelRegis
     info.update(model=model, scheduler=req.scheduler or "unknown", images=req.n or 1, api="openai", kind=protocol.kind)
     if settings.log_prompts:
         info.update(prompt=req.prompt)
-    body, size = native(req, registry)
+    name = resolve(req, registry)
+    info["model"] = name
+    timeout_s = getattr(req, "timeout_s", None)
+    lease, waited = await hold(registry, name, settings.max_timeout_s if getattr(req, "bulk", False) else
+                               min(timeout_s or settings.request_timeout_s, settings.max_timeout_s))
     try:
+        body, size = native(req, name, lease.pipe.card)
         spec, previews = await prepare_async(body, registry, settings, body.stream, given=files,
                                              kind=protocol.kind if files else None, alpha_mask=protocol is EDITS)
-    except FieldErrors as e:
-        field, message, _ = e.errors[0]
-        field = {"num_images": "n", "preview_at": "partial_images"}.get(field, field)
-        raise invalid(field, f"Invalid value for '{field}': {message}.") from None
+    except BaseException as e:
+        lease.release()
+        if isinstance(e, FieldErrors):
+            field, message, _ = e.errors[0]
+            field = {"num_images": "n", "preview_at": "partial_images"}.get(field, field)
+            raise invalid(field, f"Invalid value for '{field}': {message}.") from None
+        raise
+    spec = charged(spec, waited)
     info.update(steps=spec.steps, scheduler=spec.scheduler)
     if spec.size is not None:
         size = f"{spec.size[1]}x{spec.size[0]}"
     if body.stream:
         buffer = EventBuffer(asyncio.get_running_loop(), settings.preview_buffer, previews)
-        job = submit(engine, spec, buffer.listener)
+        job = submit(engine, spec, buffer.listener, lease)
         metrics.streamed(spec.model)
         info["stream"] = True
         return EventStream(_events(engine, job, buffer, request, settings, metrics, size, protocol))
 
-    job = submit(engine, spec)
+    job = submit(engine, spec, lease=lease)
     result = await wait(engine, job, request, settings)
     if result is None:
         info["status"] = 499
@@ -239,26 +253,26 @@ async def _events(engine: Engine, job: Job, buffer: EventBuffer, request: Reques
 @router.get("/models", response_model=OpenAIModelList, dependencies=[Depends(require_key)], responses=ERRORS)
 async def list_models(registry: RegistryDep) -> OpenAIModelList:
     """The models served, as OpenAI lists them (`client.models.list()`); details: GET /models."""
-    return OpenAIModelList(data=[_model(n, registry) for n in registry.names()])
+    return OpenAIModelList(data=[_model(n, registry) for n in registry.names() if registry.card(n) is not None])
 
 
 @router.get("/models/{model}", response_model=OpenAIModel, dependencies=[Depends(require_key)], responses=ERRORS)
 async def get_model(model: str, registry: RegistryDep) -> OpenAIModel:
     """One model (`client.models.retrieve(id)`)."""
-    if model not in registry:
+    if model not in registry or registry.card(registry.resolve(model)) is None:
         raise HTTPException(404, {"message": f"The model '{model}' does not exist", "param": "model",
                                   "code": "model_not_found"})
-    return _model(model, registry)
+    return _model(registry.resolve(model), registry)
 
 
 def _model(name: str, registry: ModelRegistry) -> OpenAIModel:
-    pipe = registry[name]
-    saved = pipe.provenance.get("date")
+    entry = registry.entry(name)
+    saved = entry.provenance.get("date")
     try:
         created = int(_dt.datetime.fromisoformat(str(saved)).timestamp()) if saved else 0
     except ValueError:
         created = 0
-    card = pipe.card
+    card = entry.card
     return OpenAIModel(id=name, created=created, size=image_size(card.image_shape), image_shape=list(card.image_shape),
                        sample_shape=list(card.sample_shape), resizable=card.resizable,
                        text_encoders=list(card.text_encoders), default_scheduler=card.default_scheduler,

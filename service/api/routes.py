@@ -12,11 +12,12 @@ from fastapi.concurrency import run_in_threadpool
 
 from service import render
 from service.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep, require_key, require_metrics_key
-from service.api.jobs import submit, timeout, wait
+from service.api.jobs import charged, hold, submit, timeout, wait, wait_s
 from service.api.openapi import event_stream
 from service.api.streaming import KEEP_ALIVE, EventBuffer, EventStream, Finished, Heartbeat, Queued, follow, sse
 from service.engine import Engine, GenerationResult, Job, Preview, Progress
-from service.generation import FieldErrors, UnknownModel, describe, prepare_async
+from service.generation import FieldErrors, describe, prepare_async
+from service.registry import UnknownModel
 from service.images import TooLarge
 from service.metrics import CONTENT_TYPE, Metrics
 from service.schemas import (STREAM_EVENTS, ErrorResponse, GenerateRequest, GenerateResponse, ModelList, PreviewEvent,
@@ -60,24 +61,34 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
         info.update(prompt=body.prompt, class_label=body.class_label)
     stream = body.stream or wants_events(request)
     try:
-        spec, previews = await prepare_async(body, registry, settings, stream)
+        name = registry.resolve(body.model)
     except UnknownModel as e:
         info["model"] = "unknown"  # never a user's string as a metric label
         raise HTTPException(404, str(e)) from None
-    except FieldErrors as e:
-        raise field_errors(e) from None
-    except TooLarge as e:
-        raise HTTPException(413, [{"field": e.field, "msg": str(e), "type": "too_large", "loc": ["body", e.field]}]) \
-            from None
+    info["model"] = name
+    lease, waited = await hold(registry, name, wait_s(body, settings))
+    try:
+        spec, previews = await prepare_async(body.model_copy(update={"model": name}), registry, settings, stream)
+    except BaseException as e:
+        lease.release()
+        if isinstance(e, UnknownModel):
+            raise HTTPException(404, str(e)) from None
+        if isinstance(e, FieldErrors):
+            raise field_errors(e) from None
+        if isinstance(e, TooLarge):
+            raise HTTPException(413, [{"field": e.field, "msg": str(e), "type": "too_large",
+                                       "loc": ["body", e.field]}]) from None
+        raise
+    spec = charged(spec, waited)
     info.update(steps=spec.steps, scheduler=spec.scheduler)
     if stream:
         buffer = EventBuffer(asyncio.get_running_loop(), settings.preview_buffer, previews)
-        job = submit(engine, spec, buffer.listener)
+        job = submit(engine, spec, buffer.listener, lease)
         info["stream"] = True
         metrics.streamed(spec.model)
         return EventStream(_events(engine, job, buffer, request, settings, metrics, start))
 
-    job = submit(engine, spec)
+    job = submit(engine, spec, lease=lease)
     result = await wait(engine, job, request, settings)
     if result is None:
         info["status"] = 499  # nobody is listening; logged as such
@@ -141,9 +152,12 @@ def field_errors(e: FieldErrors) -> HTTPException:
 @router.get("/models", response_model=ModelList, dependencies=[Depends(require_key)], responses=ERRORS)
 async def models(registry: RegistryDep, settings: SettingsDep) -> ModelList:
     """Every model served: conditioning, class names, image and sample shapes, sizes, text encoders,
-    schedule, defaults, schedulers."""
-    return ModelList(default=registry.default,
-                     models=[describe(n, p, n == registry.default, settings) for n, p in registry.pipelines.items()])
+    schedule, defaults, schedulers; its state (on the device or not, a failed load's error); aliases."""
+    entries = [e for e in registry.entries() if e.servable]
+    return ModelList(default=registry.default, aliases=registry.aliases(),
+                     models=[describe(e.name, e.card, e.name == registry.default, settings, e.state, e.error)
+                             for e in entries if e.card is not None],
+                     not_loaded_yet=[e.name for e in entries if e.card is None])
 
 
 @router.get("/healthz")

@@ -4,14 +4,20 @@ model (made when a request for that size is admitted, eager, removed once idle).
 sizes never share a forward pass; the row cap (``max_rows``) is per model, whatever its sizes (the
 scheduler counts a model's rows across them).
 
-Only the engine's thread adds and removes batches; other threads (metrics, shutdown) read snapshots.
+Models change at run time (:mod:`service.registry`): :meth:`Batches.install` gives a name new
+weights and :meth:`Batches.remove` takes it away. The batches on the old weights keep their rows
+under a retired key (``name~N``) until those finish, and then go; requests admitted after the swap
+run on the new weights. Every change replaces the mapping under a lock, so readers (the engine's
+thread, metrics, shutdown) iterate snapshots.
 The cost model sees each batch under its key; another size of a model is predicted from the model's
 native costs, its rows weighted by its pixels, until it is measured itself.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping
 
@@ -33,6 +39,11 @@ def batch_key(spec: GenerationSpec, native: tuple[int, ...]) -> str:
     return f"{spec.model}@{spec.size[1]}x{spec.size[0]}"
 
 
+def belongs(key: str, name: str) -> bool:
+    """Whether a batch key is model ``name``'s (``name``, ``name@WxH``, or retired: ``…~N``)."""
+    return key == name or key.startswith((name + "@", name + "~"))
+
+
 def network_rows(rows: int, guided: bool) -> int:
     """Rows of the forward pass: a guided image is evaluated twice (conditional and unconditional)."""
     return rows * (2 if guided else 1)
@@ -43,9 +54,14 @@ class Batches(Mapping[str, ModelBatch]):
                  cpu_threads: str | None, decode_pixels: int, costs: CostModel):
         self.models = dict(models)
         self.max_rows, self.max_steps, self.cpu_threads, self.decode_pixels = max_rows, max_steps, cpu_threads, decode_pixels
-        self.costs = costs
-        self._by_key = {name: ModelBatch(m, max_rows, max_steps, accel, _threads(m, cpu_threads, m.card.sample_shape),
-                                         decode_pixels=decode_pixels) for name, m in models.items()}
+        self.costs, self.accel = costs, accel
+        self._lock = threading.Lock()  # one writer of _by_key at a time (the engine's thread, a loader)
+        self._generation = itertools.count(1)
+        self._by_key = {name: self._native(m) for name, m in models.items()}
+
+    def _native(self, model: Model) -> ModelBatch:
+        return ModelBatch(model, self.max_rows, self.max_steps, self.accel,
+                          _threads(model, self.cpu_threads, model.card.sample_shape), decode_pixels=self.decode_pixels)
 
     # --- a read-only mapping (snapshots: safe beside the engine's thread) ---------------------------
     def __getitem__(self, key: str) -> ModelBatch:
@@ -80,14 +96,47 @@ class Batches(Mapping[str, ModelBatch]):
                                shape=job.spec.shape, decode_pixels=self.decode_pixels)
             native, other = model.card.sample_shape, job.spec.shape
             self.costs.alias(job.batch, job.spec.model, (other[1] * other[2]) / (native[1] * native[2]))
-            self._by_key = {**self._by_key, job.batch: batch}  # a new dict: readers keep their snapshot
+            with self._lock:
+                self._by_key = {**self._by_key, job.batch: batch}  # a new dict: readers keep their snapshot
         return batch
 
-    def prune(self) -> None:
-        """Batches of another size than the native one go once they are idle."""
-        idle = [k for k, b in self._by_key.items() if k not in self.models and not b.busy]
-        if idle:
-            self._by_key = {k: b for k, b in self._by_key.items() if k not in idle}
+    def prune(self) -> list[str]:
+        """Batches of another size than the native one, and retired ones, go once they are idle;
+        returns the keys that went."""
+        with self._lock:
+            idle = [k for k, b in self._by_key.items() if k not in self.models and not b.busy]
+            if idle:
+                self._by_key = {k: b for k, b in self._by_key.items() if k not in idle}
+        return idle
+
+    # --- models that change (any thread; the registry's loader) ------------------------------------
+    def install(self, name: str, model: Model) -> ModelBatch:
+        """``name`` runs on ``model`` from now on. Its new native batch is built (and, when
+        accelerated, compiled and captured) here, before the swap; its batches on old weights are
+        retired with their rows. Returns the new batch."""
+        batch = self._native(model)
+        if self.accel.padded:
+            batch.warm_up()
+        with self._lock:
+            self.models = {**self.models, name: model}
+            self._by_key = {**self._retire(name), name: batch}
+        return batch
+
+    def remove(self, name: str) -> None:
+        """``name`` runs no more: its idle batches go now, busy ones finish their rows first."""
+        with self._lock:
+            self.models = {k: m for k, m in self.models.items() if k != name}
+            self._by_key = self._retire(name)
+
+    def _retire(self, name: str) -> dict[str, ModelBatch]:
+        """The batches with ``name``'s busy ones under retired keys and its idle ones gone."""
+        keep = {}
+        for key, batch in self._by_key.items():
+            if not belongs(key, name):
+                keep[key] = batch
+            elif batch.busy:
+                keep[f"{key.rpartition('~')[0] or key}~{next(self._generation)}"] = batch
+        return keep
 
     def calibrate(self, key: str, budget_s: float) -> None:
         """Seed the cost model of a model's native batch: its iteration timed at growing batch sizes

@@ -99,6 +99,13 @@ class CostModel:
         (another image size of a model: a row of it costs about its pixels' share)."""
         self.aliases[model] = (base, float(factor))
 
+    def forget(self, model: str) -> None:
+        """Drop what is known of ``model`` and of every batch predicted from it (its weights changed
+        shape: another architecture was loaded under its name)."""
+        for key in [k for k, (base, _) in self.aliases.items() if base == model] + [model]:
+            for table in (self.estimates, self.counts, self.fastest, self.aliases):
+                table.pop(key, None)
+
     def iteration_s(self, rows: Mapping[str, int], fastest: bool = False) -> float:
         """Predicted seconds of one engine iteration with these network rows per model."""
         return sum(self.cost(m, n, fastest) for m, n in rows.items())

@@ -17,6 +17,10 @@ Rows of another size than a model's native one run in a batch of their own (crea
 for that size is admitted, gone once it is idle), side by side with the model's other batches;
 acceleration (compilation, CUDA graphs) applies to the native size's batch.
 
+Models change while it runs (:meth:`Engine.install`, :meth:`Engine.remove`, driven by
+:mod:`service.registry`): rows in flight finish on the weights they started with, requests admitted
+after the swap run on the new ones.
+
 Callers (the HTTP layer) only :meth:`Engine.submit` a :class:`GenerationSpec` and wait on the
 returned job's future; :meth:`Job.cancel` makes the engine drop its rows at the next iteration.
 The engine emits stats through an :class:`Observer` (see :mod:`service.metrics`); it knows nothing
@@ -36,7 +40,7 @@ from typing import Protocol
 import torch
 
 from diffusion import Acceleration
-from service.engine.batches import Batches, network_rows
+from service.engine.batches import Batches, belongs, network_rows
 from service.engine.costs import CostModel
 from service.engine.executor import Model, ModelBatch, Retired
 from service.engine.job import (DeadlineExceeded, EngineClosed, GenerationFailed, GenerationResult, GenerationSpec,
@@ -79,7 +83,6 @@ class Engine:
         (:mod:`service.engine.threads`); None leaves PyTorch's count alone. ``decode_pixels``: image
         pixels per decode chunk. ``calibrate_s``: seconds spent timing a model's iterations (at its
         first request, or a new size's) to seed the cost model; 0: the first iterations seed it."""
-        self.models = dict(models)
         self.costs = CostModel()  # seconds of an iteration per engine batch and network rows (measured)
         self.calibrate_s = calibrate_s
         # batch key (the model's name, or name@WxH for another size) -> its rows
@@ -97,7 +100,45 @@ class Engine:
         self._stop = False  # the worker exits
         self._thread: threading.Thread | None = None
         self._service_time_s = 1.0  # running mean of admitted -> done, for Retry-After
+        self._forget: set[str] = set()  # models whose costs the engine's thread drops (new architecture)
+        self._shapes = {name: _shape(m) for name, m in models.items()}  # what each name's costs were measured on
         self.iterations = 0
+
+    @property
+    def models(self) -> Mapping[str, Model]:
+        """The models served now (a snapshot)."""
+        return self.batches.models
+
+    # --- models that change (a loader's thread) -----------------------------------------------
+    def install(self, name: str, model: Model) -> None:
+        """Serve ``model`` under ``name`` from the next admission on (new, or new weights for a name
+        served now: its rows in flight finish on the old weights). Its batch is built, and when
+        accelerated compiled and captured, on the caller's thread. The cost model keeps what it
+        measured when the architecture is the same (a retrained checkpoint), else measures anew."""
+        shape = _shape(model)
+        self.batches.install(name, model)
+        with self._cv:
+            if self._shapes.setdefault(name, shape) != shape:  # measured on other weights than these
+                self._shapes[name] = shape
+                self._forget.add(name)
+            self._cv.notify_all()
+
+    def remove(self, name: str) -> None:
+        """Stop serving ``name``: its rows in flight finish, its requests still waiting fail."""
+        self.batches.remove(name)
+        with self._cv:
+            orphans = [j for j in self._waiting if j.spec.model == name]
+            self._waiting = deque(j for j in self._waiting if j.spec.model != name)
+            self._cv.notify_all()  # (its costs stay: the same weights may come back)
+        for job in orphans:
+            job.finish(error=GenerationFailed(f"model {name!r} was unloaded before this request started"))
+
+    def busy(self, name: str) -> bool:
+        """Rows of ``name`` in flight or decoding, or requests for it waiting."""
+        with self._cv:
+            if any(j.spec.model == name for j in self._waiting):
+                return True
+        return any(b.busy for k, b in self.batches.items() if belongs(k, name))
 
     # --- the caller's side ------------------------------------------------------------------
     def submit(self, spec: GenerationSpec, timeout_s: float | None, listener=None) -> Job:
@@ -173,7 +214,7 @@ class Engine:
         """Models that requests wait for and that nothing has measured yet are calibrated first (at
         their native size: other sizes are predicted from it)."""
         for name in dict.fromkeys(j.spec.model for j in jobs):
-            if self.costs.known(name) or self.batches[name].busy:
+            if self.costs.known(name) or name not in self.batches or self.batches[name].busy:
                 continue
             try:
                 self.batches.calibrate(name, self.calibrate_s)
@@ -200,6 +241,11 @@ class Engine:
 
     def iterate(self) -> int:
         """One engine iteration over every model; returns the rows that went through a forward pass."""
+        if self._forget:
+            with self._cv:
+                forget, self._forget = self._forget, set()
+            for name in forget:
+                self.costs.forget(name)
         if self.calibrate_s > 0 and self.policy.goodput:
             with self._cv:
                 cold = [j for j in self._waiting if not self.costs.known(j.batch)]
@@ -286,7 +332,9 @@ class Engine:
                 job.finish(error=GenerationFailed(f"decoding failed: {type(e).__name__}"))
 
     def _prune(self) -> None:
-        self.batches.prune()
+        for key in self.batches.prune():
+            if "~" in key:  # a retired batch's measurements
+                self.costs.forget(key)
 
     def _step(self, name: str, batch: ModelBatch) -> int:
         limit = self.latency_rows or None
@@ -379,6 +427,12 @@ class Engine:
         self._waiting.clear()
         for job in leftover:
             job.finish(error=EngineClosed("the service shut down before this request finished"))
+
+
+def _shape(model: Model) -> tuple:
+    """What a model's iteration costs depend on."""
+    card = model.card
+    return card.architecture, card.parameters, tuple(card.sample_shape), str(getattr(model, "dtype", ""))
 
 
 def _tell(job: Job, event) -> None:

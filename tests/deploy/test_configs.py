@@ -27,10 +27,13 @@ STACKS = [["compose.yaml"], ["compose.yaml", "compose.cpu.yaml"], ["compose.yaml
 
 # The service's metric families (issue 4: fixed names) and the series they expose.
 HISTOGRAMS = {"diffusion_request_duration_seconds", "diffusion_queue_wait_seconds",
-              "diffusion_batch_rows", "diffusion_forward_duration_seconds", "diffusion_prediction_ratio"}
+              "diffusion_batch_rows", "diffusion_forward_duration_seconds", "diffusion_prediction_ratio",
+              "diffusion_model_load_seconds"}
 SERIES = ({"diffusion_requests_total", "diffusion_images_generated_total", "diffusion_queue_depth",
            "diffusion_rows_in_flight", "diffusion_streamed_requests_total", "diffusion_previews_total",
-           "diffusion_goodput_total", "diffusion_refusals_total", "up"}
+           "diffusion_goodput_total", "diffusion_refusals_total", "diffusion_model_loads_total",
+           "diffusion_model_load_failures_total", "diffusion_model_evictions_total", "diffusion_model_unloads_total",
+           "diffusion_model_resident_bytes", "up"}
           | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")})
 PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "le", "irate", "increase", "avg", "max",
                 "min", "without", "on", "or", "and", "count"}

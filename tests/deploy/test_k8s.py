@@ -253,10 +253,13 @@ def test_configmap_holds_every_setting_and_is_valid(path):
     docs = render(path)
     config = settings_of(docs)
     fields = {"DIFFUSION_" + name.upper() for name in Settings.model_fields}
-    assert set(config) == fields - {"DIFFUSION_API_KEYS"}
+    assert set(config) == fields - {"DIFFUSION_API_KEYS", "DIFFUSION_ADMIN_KEY"}
     container = service_container(docs)
     (keys,) = [e for e in container["env"] if e["name"] == "DIFFUSION_API_KEYS"]
     assert keys["valueFrom"]["secretKeyRef"]["name"] == "diffusion-api-keys"
+    (admin,) = [e for e in container["env"] if e["name"] == "DIFFUSION_ADMIN_KEY"]
+    assert admin["valueFrom"]["secretKeyRef"] == {"name": "diffusion-admin-key", "key": "DIFFUSION_ADMIN_KEY",
+                                                  "optional": True}
     assert {e["configMapRef"]["name"] for e in container["envFrom"]} == {
         d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap" and "DIFFUSION_PORT" in d.get("data", {})}
     settings = Settings(**{k.removeprefix("DIFFUSION_").lower(): v for k, v in config.items()})

@@ -163,7 +163,9 @@ def test_the_openai_client_gets_each_models_size(model_dir):
     ("schedule", "unknown beta_schedule"),
     ("notunet", "not a UNet2DModel"),
 ])
-def test_a_bad_folder_is_a_startup_error_naming_it(tmp_path, checkpoint_dir, breakage, message):
+def test_a_bad_folder_is_an_error_naming_it(tmp_path, checkpoint_dir, breakage, message):
+    """Scanned once (model_control=none), it stops the start-up; polled (the default), it fails alone:
+    listed with its error, the others serve."""
     import json
 
     for p in checkpoint_dir.glob("*.safetensors"):
@@ -179,8 +181,15 @@ def test_a_bad_folder_is_a_startup_error_naming_it(tmp_path, checkpoint_dir, bre
         (folder / name).write_text(json.dumps({**cfg, **change}))
 
     async def start():
-        async with LifespanManager(create_app(settings(tmp_path))):
+        async with LifespanManager(create_app(settings(tmp_path, model_control="none"))):
             pass
     with pytest.raises(CheckpointError, match=message) as e:
         asyncio.run(start())
     assert str(folder) in str(e.value)
+    with TestClient(create_app(settings(tmp_path))) as c:
+        listed = c.get("/models").json()
+        failed = c.post("/generate", json={"model": folder.name, "steps": 2})
+        served = c.post("/generate", json={"class_label": 1, "steps": 2})
+    assert folder.name in listed["not_loaded_yet"]
+    assert failed.status_code == 503 and message in failed.json()["detail"] and str(folder) in failed.json()["detail"]
+    assert served.status_code == 200

@@ -35,7 +35,10 @@ BUDGET = {
     ("GET", "/v1/models/{model}"): 200,
     ("GET", "/models"): 50, ("GET", "/v1/models"): 50, ("GET", "/healthz"): 50, ("GET", "/readyz"): 50,
     ("GET", "/metrics"): 50, ("GET", "/"): 50,
+    ("GET", "/admin/models"): 20, ("POST", "/admin/scan"): 20, ("POST", "/admin/models/{name}/load"): 50,
+    ("POST", "/admin/models/{name}/reload"): 50, ("POST", "/admin/models/{name}/unload"): 50,
 }
+ADMIN = {"Authorization": "Bearer admin-key"}  # the admin routes are fuzzed with their key (without it: 401)
 # Invalid input for the JSON bodies. The multipart ones are fuzzed with schema-valid input only (whose
 # "binary" parts are mostly not images, and whose numbers are often past the limits: 400s): a text part
 # carries every value as text, so a schema-violating one (a number or an array where text belongs)
@@ -56,7 +59,7 @@ def schema(checkpoint_dir):
     # The text model by default: it takes any short prompt, so generated requests reach the engine.
     app = create_app(Settings(checkpoint_dir=checkpoint_dir, device="cpu", default_model="tiny-text",
                               max_steps=20, max_images=2, max_prompt_chars=40, request_timeout_s=30,
-                              min_preview_every=1))
+                              min_preview_every=1, admin_key="admin-key"))
     loaded = schemathesis.openapi.from_asgi("/openapi.json", app)  # starts the app's lifespan, once
     yield loaded
     shutdown_lifespans()
@@ -66,7 +69,7 @@ def operation(schema, method: str, path: str):
     return schema[path][method]
 
 
-def fuzz(op, mode, budget: int, name: str) -> Counter:
+def fuzz(op, mode, budget: int, name: str, headers: dict | None = None) -> Counter:
     """``budget`` generated cases of one operation, each answer checked; the answers by (status, type)."""
     checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
     answers: Counter = Counter()
@@ -75,7 +78,7 @@ def fuzz(op, mode, budget: int, name: str) -> Counter:
     @settings(max_examples=budget, deadline=None, database=None, derandomize=True,
               phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
     def check(case):
-        response = case.call()
+        response = case.call(headers=headers)
         answers[response.status_code, (response.headers.get("content-type") or [""])[0].split(";")[0]] += 1
         case.validate_response(response, checks=checks)
 
@@ -93,7 +96,8 @@ def test_every_operation_is_fuzzed(schema):
 
 @pytest.mark.parametrize("method,path,mode", MODES, ids=[f"{m} {p} {g.value}" for m, p, g in MODES])
 def test_contract(schema, method, path, mode):
-    answers = fuzz(operation(schema, method, path), mode, BUDGET[method, path], f"{method} {path}")
+    answers = fuzz(operation(schema, method, path), mode, BUDGET[method, path], f"{method} {path}",
+                   ADMIN if path.startswith("/admin/") else None)
     ran[method, path, mode.value] = answers
     if (method, path) in JSON_GENERATION and mode is GenerationMode.POSITIVE:  # the engine ran, streams included
         assert answers[200, "application/json"] and answers[200, "text/event-stream"], answers
