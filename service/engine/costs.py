@@ -106,6 +106,13 @@ class CostModel:
             for table in (self.estimates, self.counts, self.fastest, self.aliases):
                 table.pop(key, None)
 
+    def copy(self, source: str, target: str) -> None:
+        """Predict ``target`` from ``source``'s measurements (the same architecture under another
+        name: a retrained checkpoint costs what the one before it did)."""
+        for table in (self.estimates, self.counts, self.fastest):
+            if source in table:
+                table[target] = dict(table[source])
+
     def iteration_s(self, rows: Mapping[str, int], fastest: bool = False) -> float:
         """Predicted seconds of one engine iteration with these network rows per model."""
         return sum(self.cost(m, n, fastest) for m, n in rows.items())

@@ -101,6 +101,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._service_time_s = 1.0  # running mean of admitted -> done, for Retry-After
         self._forget: set[str] = set()  # models whose costs the engine's thread drops (new architecture)
+        self._borrow: dict[str, str] = {}  # new model -> a model of its architecture whose costs it starts from
         self._shapes = {name: _shape(m) for name, m in models.items()}  # what each name's costs were measured on
         self.iterations = 0
 
@@ -114,13 +115,17 @@ class Engine:
         """Serve ``model`` under ``name`` from the next admission on (new, or new weights for a name
         served now: its rows in flight finish on the old weights). Its batch is built, and when
         accelerated compiled and captured, on the caller's thread. The cost model keeps what it
-        measured when the architecture is the same (a retrained checkpoint), else measures anew."""
+        measured when the architecture is the same (a retrained checkpoint), starts a new name from
+        a served model of the same architecture, else measures anew."""
         shape = _shape(model)
         self.batches.install(name, model)
         with self._cv:
             if self._shapes.setdefault(name, shape) != shape:  # measured on other weights than these
                 self._shapes[name] = shape
                 self._forget.add(name)
+            twin = next((n for n, s in self._shapes.items() if s == shape and n != name), None)
+            if twin is not None and name not in self._forget:
+                self._borrow[name] = twin  # a new name for a known architecture: no calibration
             self._cv.notify_all()
 
     def remove(self, name: str) -> None:
@@ -241,11 +246,14 @@ class Engine:
 
     def iterate(self) -> int:
         """One engine iteration over every model; returns the rows that went through a forward pass."""
-        if self._forget:
+        if self._forget or self._borrow:
             with self._cv:
-                forget, self._forget = self._forget, set()
+                forget, self._forget, borrow, self._borrow = self._forget, set(), self._borrow, {}
             for name in forget:
                 self.costs.forget(name)
+            for name, twin in borrow.items():
+                if not self.costs.known(name):
+                    self.costs.copy(twin, name)
         if self.calibrate_s > 0 and self.policy.goodput:
             with self._cv:
                 cold = [j for j in self._waiting if not self.costs.known(j.batch)]

@@ -270,3 +270,22 @@ def test_training_into_a_served_directory_is_picked_up(settings, served, mnist_d
     answer = serve(settings(), body)
     assert answer.status_code == 200 and answer.json()["model"] == "fresh"
     assert (served / "fresh.state.safetensors").is_file()  # training's resumable state: beside it, not a model
+
+
+def test_the_engine_swaps_weights_and_keeps_or_drops_what_it_measured(served):
+    """A retrained checkpoint (same architecture) keeps the cost model's measurements, under its own
+    name or a new one; another architecture under a known name is measured anew."""
+    from service.engine import Engine
+
+    a = diffusion.load(str(served / "a.safetensors"), "cpu")
+    engine = Engine({"a": a}, max_rows=4)
+    engine.costs.observe("a", 2, 0.5)
+    engine.install("a", diffusion.load(str(served / "b.safetensors"), "cpu"))  # new weights, same shape
+    engine.install("c", diffusion.load(str(tiny(served / "c.safetensors", 2)), "cpu"))  # a new name
+    engine.iterate()
+    assert engine.costs.known("a") and engine.costs.cost("c", 2) == engine.costs.cost("a", 2) == 0.5
+    engine.install("a", diffusion.load(str(tiny(served / "big.safetensors", 3, size="small")), "cpu"))
+    engine.iterate()
+    assert not engine.costs.known("a") and engine.costs.known("c")
+    engine.remove("c")
+    assert set(engine.models) == {"a"} and "c" not in engine.batches
