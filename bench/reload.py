@@ -9,15 +9,17 @@ One service (``python -m service``, default settings: ``model_control=poll``, ``
 directory with two models, ``a`` and ``b``, both copies of the default model
 (``checkpoints/mnist-text-compact.safetensors``: what a user trains and serves).
 
-1. **Landing → first image.** A new checkpoint lands in the directory (written under a temporary name
-   and renamed, as training writes), and a client asks for it every 50 ms until it answers: the
-   seconds from the rename to the first image, median and worst of ``--landings`` tries. The same
+1. **Landing → first image.** On a warm service, a new checkpoint lands in the directory (written
+   under a temporary name and renamed, as training writes) at a random point of the poll interval,
+   and a client asks for it every 50 ms until it answers: the seconds from the rename to the first
+   image (10 steps), median and worst of ``--landings`` tries. The same
    with the admin API (``POST /admin/models/{name}/load``, then the request) in explicit mode.
 2. **One model's latency while another reloads.** ``--clients`` clients ask ``a`` for one image (DDIM
    20 steps) back to back for ``--seconds``, first with nothing else happening, then while ``b``'s
    checkpoint is overwritten with other weights every ``--every`` seconds (each one picked up by the
-   poller and swapped in beside the requests). ``a``'s p50 and p99 in both phases, their ratio, and
-   how many reloads happened. The issue's goal: p99 within 1.2× of the quiet one.
+   poller and swapped in beside the requests); ``--rounds`` times, interleaved. ``a``'s p50 and p99
+   over all rounds of each phase (and each round's p99), their ratio, and how many reloads
+   happened. The issue's goal: p99 within 1.2× of the quiet one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -140,8 +143,8 @@ def quantiles(xs: list[float]) -> dict:
     return {"n": len(xs), "p50_s": statistics.median(xs), "p99_s": xs[min(len(xs) - 1, int(0.99 * len(xs)))]}
 
 
-def run(device: str, work: Path, mini: bool = False, landings: int = 5, clients: int = 2, seconds: float = 60,
-        every: float = 5.0) -> dict:
+def run(device: str, work: Path, mini: bool = False, landings: int = 5, clients: int = 2, seconds: float = 40,
+        every: float = 5.0, rounds: int = 3) -> dict:
     served = work / "served"
     served.mkdir()
     spare = work / "spare"
@@ -151,37 +154,44 @@ def run(device: str, work: Path, mini: bool = False, landings: int = 5, clients:
     other_weights(MODEL, spare / "b1.safetensors", 1)
     other_weights(MODEL, spare / "b2.safetensors", 2)
     if mini:
-        landings, seconds, every = 1, 6.0, 2.0
+        landings, seconds, every, rounds = 1, 6.0, 2.0, 1
     result: dict = {"device": device, "model": MODEL.name, "request": REQUEST, "source": source_state()}
 
     service = Service(served, device, work / "poll.log")
     try:
-        times = [first_image(service.url, f"new{k}", land(MODEL, served / f"new{k}.safetensors"))
-                 for k in range(landings)]
+        asyncio.run(drive(service.url, clients, 3 if mini else 10))  # warm: calibration, threads
+        phase = random.Random(0)
+        times = []
+        for k in range(landings):
+            time.sleep(phase.uniform(0, 5.0))  # land at any point of the poll interval
+            times.append(first_image(service.url, f"new{k}", land(MODEL, served / f"new{k}.safetensors")))
         result["landing_poll"] = {"poll_s": 5.0, "median_s": statistics.median(times), "max_s": max(times),
                                   "times_s": times}
         print(json.dumps(result["landing_poll"]), flush=True)
         for k in range(landings):
             (served / f"new{k}.safetensors").unlink()
-        asyncio.run(drive(service.url, clients, 3 if mini else 10))  # warm: calibration, threads
-        quiet = asyncio.run(drive(service.url, clients, seconds))
-        before = reloads(service.url)
-        stop = threading.Event()
+        quiet, busy, done, k = [], [], 0.0, 0
+        for _ in range(rounds):  # interleaved, so that a slow spell of the machine touches both
+            quiet.append(asyncio.run(drive(service.url, clients, seconds)))
+            before = reloads(service.url)
+            stop = threading.Event()
 
-        def overwrite():
-            k = 0
-            while not stop.wait(every):
-                land(spare / f"b{1 + k % 2}.safetensors", served / "b.safetensors")
-                k += 1
-        writer = threading.Thread(target=overwrite, daemon=True)
-        writer.start()
-        busy = asyncio.run(drive(service.url, clients, seconds))
-        stop.set()
-        writer.join()
-        done = reloads(service.url) - before
+            def overwrite():
+                nonlocal k
+                while not stop.wait(every):
+                    land(spare / f"b{1 + k % 2}.safetensors", served / "b.safetensors")
+                    k += 1
+            writer = threading.Thread(target=overwrite, daemon=True)
+            writer.start()
+            busy.append(asyncio.run(drive(service.url, clients, seconds)))
+            stop.set()
+            writer.join()
+            done += reloads(service.url) - before
     finally:
         service.stop()
-    result["quiet"], result["reloading"] = quantiles(quiet), quantiles(busy)
+    result["quiet"], result["reloading"] = quantiles(sum(quiet, [])), quantiles(sum(busy, []))
+    result["quiet"]["rounds_p99_s"] = [quantiles(q)["p99_s"] for q in quiet]
+    result["reloading"]["rounds_p99_s"] = [quantiles(q)["p99_s"] for q in busy]
     result["reloads"], result["every_s"], result["clients"] = done, every, clients
     result["p99_ratio"] = result["reloading"]["p99_s"] / result["quiet"]["p99_s"]
     result["p50_ratio"] = result["reloading"]["p50_s"] / result["quiet"]["p50_s"]
@@ -190,6 +200,7 @@ def run(device: str, work: Path, mini: bool = False, landings: int = 5, clients:
     service = Service(served, device, work / "explicit.log", "--model-control", "explicit", "--admin-key", "bench")
     admin = {"Authorization": "Bearer bench"}
     try:
+        asyncio.run(drive(service.url, clients, 3))  # warm
         times = []
         for k in range(landings):
             since = land(MODEL, served / f"late{k}.safetensors")
@@ -215,7 +226,9 @@ def table(r: dict) -> str:
         f"({r['quiet']['n']} requests) |",
         f"| a's p50 / p99, b reloading every {r['every_s']:g} s | {r['reloading']['p50_s']:.3f} / "
         f"{r['reloading']['p99_s']:.3f} s ({r['reloading']['n']} requests, {r['reloads']:g} reloads) |",
-        f"| p99 ratio (goal ≤ 1.2) | {r['p99_ratio']:.2f}× (p50: {r['p50_ratio']:.2f}×) |"])
+        f"| p99 ratio (goal ≤ 1.2) | {r['p99_ratio']:.2f}× (p50: {r['p50_ratio']:.2f}×) |",
+        f"| p99 per round, quiet / reloading | {' '.join(f'{x:.3f}' for x in r['quiet']['rounds_p99_s'])} / "
+        f"{' '.join(f'{x:.3f}' for x in r['reloading']['rounds_p99_s'])} s |"])
 
 
 def main(argv=None) -> None:
@@ -224,12 +237,14 @@ def main(argv=None) -> None:
     parser.add_argument("--mini", action="store_true")
     parser.add_argument("--landings", type=int, default=5)
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--seconds", type=float, default=40, help="per phase and round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--every", type=float, default=5.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
-        result = run(args.device, Path(work), args.mini, args.landings, args.clients, args.seconds, args.every)
+        result = run(args.device, Path(work), args.mini, args.landings, args.clients, args.seconds, args.every,
+                     args.rounds)
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -101,7 +101,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._service_time_s = 1.0  # running mean of admitted -> done, for Retry-After
         self._forget: set[str] = set()  # models whose costs the engine's thread drops (new architecture)
-        self._borrow: dict[str, str] = {}  # new model -> a model of its architecture whose costs it starts from
+        self._borrow: dict[str, tuple] = {}  # new model -> its architecture (it starts from a measured twin's costs)
         self._shapes = {name: _shape(m) for name, m in models.items()}  # what each name's costs were measured on
         self.iterations = 0
 
@@ -123,9 +123,8 @@ class Engine:
             if self._shapes.setdefault(name, shape) != shape:  # measured on other weights than these
                 self._shapes[name] = shape
                 self._forget.add(name)
-            twin = next((n for n, s in self._shapes.items() if s == shape and n != name), None)
-            if twin is not None and name not in self._forget:
-                self._borrow[name] = twin  # a new name for a known architecture: no calibration
+            if name not in self._forget:  # a new name for a known architecture: no calibration
+                self._borrow[name] = shape
             self._cv.notify_all()
 
     def remove(self, name: str) -> None:
@@ -251,8 +250,10 @@ class Engine:
                 forget, self._forget, borrow, self._borrow = self._forget, set(), self._borrow, {}
             for name in forget:
                 self.costs.forget(name)
-            for name, twin in borrow.items():
-                if not self.costs.known(name):
+            for name, shape in borrow.items():
+                twin = next((n for n, s in self._shapes.items() if s == shape and n != name and self.costs.known(n)),
+                            None)
+                if twin is not None and not self.costs.known(name):
                     self.costs.copy(twin, name)
         if self.calibrate_s > 0 and self.policy.goodput:
             with self._cv:
