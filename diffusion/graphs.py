@@ -34,7 +34,9 @@ class CudaGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a model loaded while the service runs is captured on the loader's thread, beside
+        # the engine's thread replaying other graphs (a global capture would fail their synchronisations)
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             fn()
         return graph.replay
 

@@ -237,6 +237,9 @@ class Entry:
     content_hash: str | None = None
     provenance: dict = field(default_factory=dict)  # of the last load (when it was trained, on what)
     leases: int = 0  # requests that hold it (prepared, queued or in flight): never evicted while > 0
+    waiters: int = 0  # requests waiting for its load: not evicted while > 0 either
+    forgetting: bool = False  # its files are gone: its unload is queued
+    fixable: bool = True  # a failed load may succeed once its files change (not: larger than the budget)
     pending: Future | None = None  # the load or reload under way
     loads: int = 0
 
@@ -366,13 +369,15 @@ class ModelRegistry:
         return pipe
 
     def aliases(self) -> dict[str, str]:
-        return dict(self._aliases)
+        """The aliases whose model can serve now."""
+        with self._lock:
+            return {a: t for a, t in self._aliases.items() if t in self._entries and self._entries[t].servable}
 
     def resolve(self, name: str | None) -> str:
         """The model a request means: the default for none, an alias's target, or the name itself
-        (UnknownModel if it is none of them)."""
-        name = self.default if name is None else self._aliases.get(name, name)
+        (UnknownModel if it is none of them, or cannot serve)."""
         with self._lock:
+            name = self.default if name is None else self._aliases.get(name, name)
             e = self._entries.get(name)
             if e is None or not e.servable:
                 raise UnknownModel(name, self.names())
@@ -399,8 +404,8 @@ class ModelRegistry:
     # --- leases -----------------------------------------------------------------------------------
     def lease(self, name: str) -> Lease | Future:
         """A hold on model ``name`` when it is on the device; else the future of its load (started
-        here if none is under way): wait for it, then ask again. UnknownModel, or ModelUnavailable
-        (its last load failed and its file has not changed since)."""
+        here if none is under way): wait for it, call :meth:`unwait`, then ask again. UnknownModel,
+        or ModelUnavailable (its last load failed and its file has not changed since)."""
         with self._lock:
             e = self._entries.get(name)
             if e is None or not e.servable:
@@ -409,12 +414,17 @@ class ModelRegistry:
             if e.pipe is not None:
                 e.leases += 1
                 return Lease(self, name, e.pipe)
-            if e.pending is not None:
-                return e.pending
-            if e.state == "failed":
-                raise ModelUnavailable(f"model {name!r} could not be loaded: {e.error}",
-                                       retry_after_s=max(1, int(self.poll_s)) if self.mode == "poll" else None)
-            return self._submit(e, "load")
+            if e.state == "failed" and e.pending is None:
+                retry = max(1, int(self.poll_s)) if self.mode == "poll" and e.fixable else None
+                raise ModelUnavailable(f"model {name!r} could not be loaded: {e.error}", retry_after_s=retry)
+            e.waiters += 1  # a model someone waits for is not evicted the moment it arrives
+            return e.pending or self._submit(e, "load")
+
+    def unwait(self, name: str) -> None:
+        with self._lock:
+            e = self._entries.get(name)
+            if e is not None and e.waiters > 0:
+                e.waiters -= 1
 
     def _release(self, name: str) -> None:
         with self._lock:
@@ -428,11 +438,11 @@ class ModelRegistry:
         """Load ``name`` now (an ``unloaded`` or failed one too)."""
         with self._lock:
             e = self.entry(name)
-            if e.pipe is not None:
+            if e.pipe is not None and e.state == "resident":
                 done: Future = Future()
                 done.set_result(None)
                 return done
-            if e.state == "unloaded":
+            if e.state in ("unloaded", "failed"):
                 e.state = "available"
             return e.pending or self._submit(e, "load")
 
@@ -440,7 +450,7 @@ class ModelRegistry:
         """Read ``name`` from disk again and swap it in (a load if it is not on the device)."""
         with self._lock:
             e = self.entry(name)
-            if e.state == "unloaded":
+            if e.state in ("unloaded", "failed"):
                 e.state = "available"
             return self._submit(e, "reload" if e.pipe is not None else "load")
 
@@ -452,13 +462,12 @@ class ModelRegistry:
             if name == self.default:
                 if new_default is None or new_default == name:
                     raise ValueError(f"{name!r} is the default model: name another default to unload it")
-                if self.entry(new_default).state in ("unloaded", "failed"):
-                    state = self.entry(new_default).state
+                state = self.entry(new_default).state
+                if state in ("unloaded", "failed"):
                     raise ValueError(f"the new default {new_default!r} cannot serve (it is {state})")
                 self.default = new_default
             e.state = "unloaded"
-            self._aliases = {a: t for a, t in self._aliases.items() if t != name}
-            return self._loader.submit(self._unload, e, forget=False)
+            return self._loader.submit(self._unload, e, False)
 
     def _submit(self, e: Entry, kind: str) -> Future:
         if e.pipe is None:
@@ -477,44 +486,54 @@ class ModelRegistry:
                 self._changed.notify_all()
 
     def _load(self, e: Entry, kind: str, make_room: bool = True) -> None:
-        """Load ``e`` from its path (on the loader thread, or at start-up) and hand it to the engine.
-        On failure its old weights (if any) keep serving and the error is kept; raises LoadError."""
+        """Load ``e`` from its path (on the loader thread, or at start-up: ``make_room`` False) and hand
+        it to the engine. On failure its old weights (if any) keep serving and the error is kept;
+        raises LoadError (UnsupportedModel at start-up)."""
         started = time.perf_counter()
-        path = e.path
+        path, previous = e.path, e.signature
         try:
+            sig, digest = signature(path), content_hash(path)  # of what is read: a rewrite meanwhile reloads again
             need = disk_bytes(path)
             if need > self.budget_bytes:
+                e.fixable = False
                 raise LoadError(f"{path}: its weights take {need / 2**20:.0f} MiB, more than the whole model memory "
                                 f"budget of {self.budget_bytes / 2**20:.0f} MiB (model_memory)")
             if make_room:
                 self._make_room(e, need, hot=e.pipe is not None)
             pipe = self._load_fn(str(path), self.device, condition_cache_bytes=self.condition_cache_bytes)
             pipe.name = e.name
-            digest = content_hash(path)
             if self._engine is not None:
-                self._engine.install(e.name, pipe)
-        except UnsupportedModel:
-            raise
+                self._engine.install(e.name, pipe)  # swapped in before the engine's next admission
+        except UnsupportedModel as err:
+            if not make_room:
+                raise  # start-up skips it, saying why
+            log.warning("skipping %s: %s", path, err)
+            with self._lock:
+                self._entries.pop(e.name, None)
+                self._changed.notify_all()
+            raise LoadError(f"{path}: {err}") from err
         except Exception as err:
             message = str(err) if isinstance(err, LoadError) else f"{type(err).__name__}: {err}"
             transient = isinstance(err, LoadError) and err.transient
             with self._lock:
                 e.error = message
-                e.state = "resident" if e.pipe is not None else "available" if transient else "failed"
+                if e.state != "unloaded":
+                    e.state = "resident" if e.pipe is not None else "available" if transient else "failed"
+                if transient:
+                    e.signature = previous if e.pipe is None else None  # a reload is tried again at the next scan
                 self._changed.notify_all()
             self.observer.load_failed(e.name, kind)
             log.error({"event": "model_load_failed", "model": e.name, "kind": kind, "error": message,
                        "still_serving": e.pipe is not None})
             raise LoadError(message, transient) from err
         seconds = time.perf_counter() - started
-        old = e.pipe
         with self._lock:
-            e.pipe, e.card, e.error, e.state, e.provenance = pipe, pipe.card, None, "resident", dict(pipe.provenance)
+            e.pipe, e.card, e.error, e.provenance = pipe, pipe.card, None, dict(pipe.provenance)
+            e.state = "unloaded" if e.state == "unloaded" else "resident"  # an unload queued meanwhile follows
             e.bytes, e.load_s, e.loaded_at, e.content_hash = device_bytes(pipe), seconds, time.time(), digest
+            e.last_used, e.signature, e.fixable = time.time(), sig, True
             e.loads += 1
-            e.signature = signature(path) if path.exists() else e.signature
             self._changed.notify_all()
-        del old
         self.observer.declared(e.name)
         self.observer.loaded(e.name, kind, seconds, e.bytes)
         log.info({"event": "model_loaded", "model": e.name, "kind": kind, "seconds": round(seconds, 3),
@@ -525,29 +544,34 @@ class ModelRegistry:
         weights until the new ones serve, so both count). Waits up to ``room_wait_s`` for models in use
         to become idle; LoadError if they do not."""
         deadline = time.monotonic() + self.room_wait_s
-        with self._lock:
-            while self.resident_bytes() + need > self.budget_bytes:
+        while True:
+            with self._lock:
+                if self.resident_bytes() + need <= self.budget_bytes:
+                    return
                 idle = [x for x in self._entries.values() if x.pipe is not None and x is not e and x.leases == 0
-                        and not (self._engine is not None and self._engine.busy(x.name))]
+                        and x.waiters == 0 and not (self._engine is not None and self._engine.busy(x.name))]
+                out = None
                 if idle:
-                    self._evict(min(idle, key=lambda x: x.last_used))
-                    continue
-                left = deadline - time.monotonic()
-                if hot or left <= 0:
-                    raise LoadError(f"{e.path}: no room for {need / 2**20:.0f} MiB within the model memory budget "
-                                    f"of {self.budget_bytes / 2**20:.0f} MiB: every other model on the device is in "
-                                    "use" + (" (a reload needs room beside the old weights)" if hot else ""),
-                                    transient=True)
-                self._changed.wait(min(left, 0.5))
+                    out = self._evict(min(idle, key=lambda x: x.last_used))
+                else:
+                    left = deadline - time.monotonic()
+                    if hot or left <= 0:
+                        raise LoadError(f"{e.path}: no room for {need / 2**20:.0f} MiB within the model memory budget "
+                                        f"of {self.budget_bytes / 2**20:.0f} MiB: every other model on the device is "
+                                        "in use" + (" (a reload needs room beside the old weights)" if hot else ""),
+                                        transient=True)
+                    self._changed.wait(min(left, 0.5))
+            if out is not None:  # outside the lock: the engine's thread may need it to finish a job
+                self._settle(out)
 
-    def _evict(self, e: Entry) -> None:
-        """(lock held) Free an idle model's device memory; it stays servable and loads again when asked."""
-        if self._engine is not None:
-            self._engine.remove(e.name)
+    def _evict(self, e: Entry) -> Future | None:
+        """(lock held) Take an idle model off the device; it stays servable and loads again when asked.
+        Returns the engine's removal (wait for it, then free, outside the lock)."""
+        out = self._engine.remove(e.name) if self._engine is not None else None
         e.pipe, e.state = None, "available"
-        self._free()
         self.observer.evicted(e.name)
         log.info({"event": "model_evicted", "model": e.name, "bytes": e.bytes})
+        return out
 
     def _unload(self, e: Entry, forget: bool) -> None:
         """(loader thread) Wait for the requests that hold ``e`` (they finish on its weights), then free
@@ -555,20 +579,23 @@ class ModelRegistry:
         with self._lock:
             while e.leases > 0 and not self._stop.is_set():
                 self._changed.wait(0.5)
-            if self._engine is not None and e.pipe is not None:
-                self._engine.remove(e.name)
-            had = e.pipe is not None
-            e.pipe = None
+            out = self._engine.remove(e.name) if self._engine is not None and e.pipe is not None else None
+            had, e.pipe = e.pipe is not None, None
             if forget:
                 self._entries.pop(e.name, None)
-                self._aliases = {a: t for a, t in self._aliases.items() if t != e.name}
-            self._changed.notify_all()
+            self._changed.notify_all()  # (its state stays: unloaded, or a load asked for since, queued after this)
         if had:
-            self._free()
+            self._settle(out)
         self.observer.unloaded(e.name)
         log.info({"event": "model_unloaded", "model": e.name, "forgotten": forget})
 
-    def _free(self) -> None:
+    def _settle(self, removal: Future | None) -> None:
+        """Wait for the engine to let go of a removed model, then give its memory back."""
+        if removal is not None:
+            try:
+                removal.result(timeout=60)
+            except Exception:  # the engine is gone or stuck: free what can be freed
+                log.warning("the engine did not confirm a model's removal within 60 s")
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -587,24 +614,27 @@ class ModelRegistry:
         (``reload_changed``), removed ones are unloaded; ``aliases.json`` is read again. ``settle``: a
         folder counts as complete once it is unchanged since the previous scan (a copy in progress
         changes); False: at once (an admin says it is)."""
-        try:
+        try:  # the file system is read without the lock (requests take it)
             found = {model_name(p): p for p in _candidates(self.directory)}
+            seen = {name: (path, signature(path)) for name, path in found.items()}
+            whole = {name for name, (path, _) in seen.items() if path.is_file() and safetensors_complete(path)}
+            sizes = {name: disk_bytes(path) for name, (path, _) in seen.items() if name not in self._entries}
         except OSError:
             return
         with self._lock:
-            for name, path in found.items():
-                sig = signature(path)
+            for name, (path, sig) in seen.items():
                 e = self._entries.get(name)
                 if e is not None and e.signature == sig:
                     self._settling.pop(name, None)
                     continue
-                if not self._complete(name, path, sig, settle):
+                if name not in whole and not self._settled(name, sig, settle):
                     continue
+                self._settling.pop(name, None)
                 if e is None:
-                    e = self._entries[name] = Entry(name, path, sig, bytes=disk_bytes(path))
+                    e = self._entries[name] = Entry(name, path, sig, bytes=sizes.get(name, 0))
                     self.observer.declared(name)
                     log.info({"event": "model_found", "model": name, "path": str(path)})
-                    if e.bytes + self.resident_bytes() <= self.budget_bytes and self.mode == "poll":
+                    if self.mode == "poll" and e.bytes + self.resident_bytes() <= self.budget_bytes:
                         self._submit(e, "load")
                     continue
                 e.path, e.signature = path, sig
@@ -614,7 +644,7 @@ class ModelRegistry:
                     log.info({"event": "model_changed", "model": name})
                     self._submit(e, "reload")
                 elif e.state == "failed":
-                    e.state, e.error = "available", None  # a fixed file: try again at the next request
+                    e.state, e.error, e.fixable = "available", None, True  # fixed: tried again at the next request
             for name in [n for n in self._entries if n not in found]:
                 e = self._entries[name]
                 if name == self.default:
@@ -624,19 +654,15 @@ class ModelRegistry:
                     log.warning("default model %s was removed from %s; the default is now %s", name,
                                 self.directory, others[0])
                     self.default = others[0]
-                e.state = "unloaded"
-                if e.pending is None or e.pending.done():
-                    e.pending = self._loader.submit(self._unload, e, forget=True)
+                if not e.forgetting:
+                    e.state, e.forgetting = "unloaded", True
+                    self._loader.submit(self._unload, e, True)  # after any load of it under way
         self._read_aliases()
 
-    def _complete(self, name: str, path: Path, sig: tuple, settle: bool = True) -> bool:
-        """A file: whole at once; else, as a folder: unchanged since the previous scan (a copy in
-        progress changes; a truncated file stays as it is, and its load then fails, saying why)."""
-        if path.is_file() and safetensors_complete(path):
-            self._settling.pop(name, None)
-            return True
+    def _settled(self, name: str, sig: tuple, settle: bool) -> bool:
+        """Not whole (a folder, or a file still being written): complete once unchanged since the
+        previous scan (a truncated file stays as it is, and its load then fails, saying why)."""
         if not settle or self._settling.get(name) == sig:
-            self._settling.pop(name, None)
             return True
         self._settling[name] = sig
         return False
@@ -647,7 +673,6 @@ class ModelRegistry:
             sig = signature(path) if path.is_file() else None
             if sig == self._aliases_sig:
                 return
-            self._aliases_sig = sig
             raw = json.loads(path.read_text()) if sig is not None else {}
             if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
                 raise ValueError("must be a JSON object of alias name -> model name")
@@ -655,9 +680,9 @@ class ModelRegistry:
                 bad = [f"{a} -> {t}" for a, t in raw.items() if t not in self._entries or a in self._entries]
                 if bad:
                     raise ValueError(f"aliases must name a model and not be one: {', '.join(bad)}")
-                self._aliases = dict(raw)
+                self._aliases, self._aliases_sig = dict(raw), sig
             log.info({"event": "aliases", "aliases": self._aliases})
-        except (OSError, ValueError) as err:  # the previous aliases stay
+        except (OSError, ValueError) as err:  # the previous aliases stay; read again at the next scan
             log.error({"event": "aliases_invalid", "file": str(path), "error": str(err)})
 
 

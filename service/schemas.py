@@ -166,7 +166,8 @@ class ModelList(BaseModel):
     models: list[ModelInfo] = Field(description="Every model a request may name whose details are known (it was "
                                     "loaded once).")
     not_loaded_yet: list[str] = Field(default_factory=list, description="Models a request may name that were never "
-                                      "loaded (their details come with their first load), with their state.")
+                                      "loaded (their details come with their first load; a failed first load: GET "
+                                      "/admin/models shows its error).")
     aliases: dict[str, str] = Field(default_factory=dict, description="Names that stand for a model "
                                     "(the checkpoint directory's aliases.json).")
 

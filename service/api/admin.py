@@ -78,11 +78,11 @@ def _describe(e: Entry, registry: ModelRegistry) -> AdminModel:
                       last_used=_iso(e.last_used), content_hash=e.content_hash, in_use=e.leases, loads=e.loads)
 
 
-def _entry(registry: ModelRegistry, name: str) -> Entry:
+async def _entry(registry: ModelRegistry, name: str) -> Entry:
     try:
         return registry.entry(name)
-    except UnknownModel:
-        registry.scan(reload_changed=False, settle=False)  # a model put in the directory since the last look
+    except UnknownModel:  # a model put in the directory since the last look
+        await asyncio.to_thread(registry.scan, False, False)
     try:
         return registry.entry(name)
     except UnknownModel as e:
@@ -92,7 +92,7 @@ def _entry(registry: ModelRegistry, name: str) -> Entry:
 async def _finish(future, registry: ModelRegistry, name: str, timeout_s: float) -> AdminModel:
     try:
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         raise HTTPException(504, f"{name!r} is still being changed after {timeout_s:g} s; see GET /admin/models") \
             from None
     except LoadError as e:
@@ -117,7 +117,7 @@ async def admin_models(registry: RegistryDep) -> AdminModels:
 async def load(name: str, registry: RegistryDep, settings: SettingsDep) -> AdminModel:
     """Load a model onto the device now (an unloaded one returns to service). Waits for the load;
     422 with the error when it fails."""
-    _entry(registry, name)
+    await _entry(registry, name)
     return await _finish(registry.request_load(name), registry, name, settings.max_timeout_s)
 
 
@@ -125,7 +125,7 @@ async def load(name: str, registry: RegistryDep, settings: SettingsDep) -> Admin
 async def reload(name: str, registry: RegistryDep, settings: SettingsDep) -> AdminModel:
     """Read a model from disk again and swap it in between two engine iterations: requests in flight
     finish on the old weights. A failure (422) keeps the old weights serving."""
-    _entry(registry, name)
+    await _entry(registry, name)
     return await _finish(registry.request_reload(name), registry, name, settings.max_timeout_s)
 
 
@@ -134,7 +134,7 @@ async def unload(name: str, registry: RegistryDep, settings: SettingsDep,
                  body: Annotated[Unload | None, Body()] = None) -> AdminModel:
     """Take a model out of service: new requests for it are refused; it leaves the device once the
     ones it has are done. The default model only with another ``default`` named (409 otherwise)."""
-    _entry(registry, name)
+    await _entry(registry, name)
     try:
         future = registry.request_unload(name, body.default if body else None)
     except UnknownModel as e:

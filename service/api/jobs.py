@@ -21,7 +21,8 @@ from service.settings import Settings
 async def hold(registry: ModelRegistry, name: str, wait_s: float) -> tuple[Lease, float]:
     """(a lease on model ``name``, seconds waited for it): when the model is not on the device, its
     load is awaited for up to ``wait_s`` (the request's deadline). 503 with Retry-After when it is
-    still loading then, when no room can be made for it, or when its last load failed."""
+    still loading then, when no room can be made for it, or when its last load failed; UnknownModel
+    when it is (or has just been) taken out of service."""
     started = time.monotonic()
     while True:
         try:
@@ -34,14 +35,17 @@ async def hold(registry: ModelRegistry, name: str, wait_s: float) -> tuple[Lease
         left = wait_s - (time.monotonic() - started)
         try:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(got)), max(left, 0.0))
-        except TimeoutError:
-            retry = max(1, math.ceil(registry.entry(name).load_s or 5.0))
+        except asyncio.TimeoutError:
+            last = registry.entry(name).load_s
             raise HTTPException(503, f"model {name!r} is loading and was not ready within this request's deadline "
-                                f"({wait_s:g} s)", headers={"Retry-After": str(retry)}) from None
+                                f"({wait_s:g} s)", headers={"Retry-After": str(max(1, math.ceil(last or 5.0)))}) \
+                from None
         except LoadError as e:
             if e.transient:  # no room now: the model stays available
                 raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None
             # a failed load: the next lease says so
+        finally:
+            registry.unwait(name)
 
 
 def wait_s(body, settings: Settings) -> float:

@@ -51,14 +51,9 @@ def image_size(shape) -> str:
     return f"{shape[2]}x{shape[1]}"
 
 
-def resolve(req, registry: ModelRegistry) -> str:
-    """The model the request means (an alias resolved, or the default); OpenAI's 404 when none."""
-    try:
-        return registry.resolve(req.model)
-    except UnknownModel:
-        raise HTTPException(404, {"message": f"The model '{req.model}' does not exist; available: "
-                                  f"{', '.join(registry.names())}", "param": "model",
-                                  "code": "model_not_found"}) from None
+def not_found(req, registry: ModelRegistry) -> HTTPException:
+    return HTTPException(404, {"message": f"The model '{req.model}' does not exist; available: "
+                               f"{', '.join(registry.names())}", "param": "model", "code": "model_not_found"})
 
 
 def native(req: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest, name: str,
@@ -123,11 +118,15 @@ async def _serve(req, request: Request, settings: Settings, registry: ModelRegis
     info.update(model=model, scheduler=req.scheduler or "unknown", images=req.n or 1, api="openai", kind=protocol.kind)
     if settings.log_prompts:
         info.update(prompt=req.prompt)
-    name = resolve(req, registry)
-    info["model"] = name
     timeout_s = getattr(req, "timeout_s", None)
-    lease, waited = await hold(registry, name, settings.max_timeout_s if getattr(req, "bulk", False) else
-                               min(timeout_s or settings.request_timeout_s, settings.max_timeout_s))
+    try:
+        name = registry.resolve(req.model)
+        info["model"] = name
+        lease, waited = await hold(registry, name, settings.max_timeout_s if getattr(req, "bulk", False) else
+                                   min(timeout_s or settings.request_timeout_s, settings.max_timeout_s))
+    except UnknownModel:
+        info["model"] = "unknown"
+        raise not_found(req, registry) from None
     try:
         body, size = native(req, name, lease.pipe.card)
         spec, previews = await prepare_async(body, registry, settings, body.stream, given=files,

@@ -62,11 +62,11 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     stream = body.stream or wants_events(request)
     try:
         name = registry.resolve(body.model)
+        info["model"] = name
+        lease, waited = await hold(registry, name, wait_s(body, settings))
     except UnknownModel as e:
         info["model"] = "unknown"  # never a user's string as a metric label
         raise HTTPException(404, str(e)) from None
-    info["model"] = name
-    lease, waited = await hold(registry, name, wait_s(body, settings))
     try:
         spec, previews = await prepare_async(body.model_copy(update={"model": name}), registry, settings, stream)
     except BaseException as e:

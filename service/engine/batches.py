@@ -4,11 +4,12 @@ model (made when a request for that size is admitted, eager, removed once idle).
 sizes never share a forward pass; the row cap (``max_rows``) is per model, whatever its sizes (the
 scheduler counts a model's rows across them).
 
-Models change at run time (:mod:`service.registry`): :meth:`Batches.install` gives a name new
-weights and :meth:`Batches.remove` takes it away. The batches on the old weights keep their rows
-under a retired key (``name~N``) until those finish, and then go; requests admitted after the swap
-run on the new weights. Every change replaces the mapping under a lock, so readers (the engine's
-thread, metrics, shutdown) iterate snapshots.
+Models change at run time (:mod:`service.registry`): a loader builds the new batch
+(:meth:`Batches.build`), and the engine's thread, between two iterations, gives the name its new
+weights (:meth:`Batches.install`) or takes it away (:meth:`Batches.remove`). The batches on the old
+weights keep their rows under a retired key (``name~N``) until those finish, and then go; requests
+admitted after the swap run on the new weights. Every change replaces the mapping under a lock, so
+readers (metrics, shutdown, submissions) iterate snapshots.
 The cost model sees each batch under its key; another size of a model is predicted from the model's
 native costs, its rows weighted by its pixels, until it is measured itself.
 """
@@ -109,21 +110,25 @@ class Batches(Mapping[str, ModelBatch]):
                 self._by_key = {k: b for k, b in self._by_key.items() if k not in idle}
         return idle
 
-    # --- models that change (any thread; the registry's loader) ------------------------------------
-    def install(self, name: str, model: Model) -> ModelBatch:
-        """``name`` runs on ``model`` from now on. Its new native batch is built (and, when
-        accelerated, compiled and captured) here, before the swap; its batches on old weights are
-        retired with their rows. Returns the new batch."""
+    # --- models that change ---------------------------------------------------------------------------
+    def build(self, model: Model) -> ModelBatch:
+        """(any thread: the registry's loader) A model's native batch, built and, when accelerated,
+        compiled and captured, before it is swapped in."""
         batch = self._native(model)
         if self.accel.padded:
             batch.warm_up()
+        return batch
+
+    def install(self, name: str, model: Model, batch: ModelBatch) -> None:
+        """(the engine's thread, between iterations) ``name`` runs on ``model`` from now on; its
+        batches on old weights are retired with their rows."""
         with self._lock:
             self.models = {**self.models, name: model}
             self._by_key = {**self._retire(name), name: batch}
-        return batch
 
     def remove(self, name: str) -> None:
-        """``name`` runs no more: its idle batches go now, busy ones finish their rows first."""
+        """(the engine's thread, between iterations) ``name`` runs no more: its idle batches go now,
+        busy ones finish their rows first."""
         with self._lock:
             self.models = {k: m for k, m in self.models.items() if k != name}
             self._by_key = self._retire(name)

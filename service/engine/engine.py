@@ -34,6 +34,7 @@ import math
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -100,8 +101,7 @@ class Engine:
         self._stop = False  # the worker exits
         self._thread: threading.Thread | None = None
         self._service_time_s = 1.0  # running mean of admitted -> done, for Retry-After
-        self._forget: set[str] = set()  # models whose costs the engine's thread drops (new architecture)
-        self._borrow: dict[str, tuple] = {}  # new model -> its architecture (it starts from a measured twin's costs)
+        self._changes: list = []  # model installs and removals waiting for the engine's thread (_apply)
         self._shapes = {name: _shape(m) for name, m in models.items()}  # what each name's costs were measured on
         self.iterations = 0
 
@@ -111,31 +111,58 @@ class Engine:
         return self.batches.models
 
     # --- models that change (a loader's thread) -----------------------------------------------
-    def install(self, name: str, model: Model) -> None:
-        """Serve ``model`` under ``name`` from the next admission on (new, or new weights for a name
-        served now: its rows in flight finish on the old weights). Its batch is built, and when
-        accelerated compiled and captured, on the caller's thread. The cost model keeps what it
-        measured when the architecture is the same (a retrained checkpoint), starts a new name from
-        a served model of the same architecture, else measures anew."""
-        shape = _shape(model)
-        self.batches.install(name, model)
-        with self._cv:
-            if self._shapes.setdefault(name, shape) != shape:  # measured on other weights than these
-                self._shapes[name] = shape
-                self._forget.add(name)
-            if name not in self._forget:  # a new name for a known architecture: no calibration
-                self._borrow[name] = shape
-            self._cv.notify_all()
+    def install(self, name: str, model: Model) -> Future:
+        """Serve ``model`` under ``name`` (new, or new weights for a name served now) from the next
+        iteration on: the swap happens on the engine's thread between two iterations, so no
+        iteration sees half of it; rows in flight finish on the old weights, requests admitted after
+        it run on the new. The batch is built, and when accelerated compiled and captured, here, on
+        the caller's thread. The cost model keeps what it measured when the architecture is the same
+        (a retrained checkpoint), starts a new name from a measured model of the same architecture,
+        else measures anew. Returns a future done once the swap is made (never wait for it while
+        holding a lock that a job's completion takes)."""
+        batch = self.batches.build(model)
+        return self._change(("install", name, model, batch))
 
-    def remove(self, name: str) -> None:
-        """Stop serving ``name``: its rows in flight finish, its requests still waiting fail."""
-        self.batches.remove(name)
+    def remove(self, name: str) -> Future:
+        """Stop serving ``name`` from the next iteration on: its rows in flight finish, its requests
+        still waiting fail. Returns a future done once it is out."""
+        return self._change(("remove", name, None, None))
+
+    def _change(self, change: tuple) -> Future:
+        done: Future = Future()
         with self._cv:
-            orphans = [j for j in self._waiting if j.spec.model == name]
-            self._waiting = deque(j for j in self._waiting if j.spec.model != name)
-            self._cv.notify_all()  # (its costs stay: the same weights may come back)
+            direct = self._stop or self._thread is None  # no engine thread: apply here (start-up, tests, shutdown)
+            if not direct:
+                self._changes.append((change, done))
+                self._cv.notify_all()
+        if direct:
+            self._apply([(change, done)])
+        return done
+
+    def _apply(self, changes) -> None:
+        """(the engine's thread, or with none running; never under ``_cv``) Model changes, in order,
+        between iterations."""
+        orphans = []
+        for (kind, name, model, batch), done in changes:
+            if kind == "install":
+                shape = _shape(model)
+                self.batches.install(name, model, batch)
+                if self._shapes.setdefault(name, shape) != shape:  # measured on other weights than these
+                    self._shapes[name] = shape
+                    self.costs.forget(name)
+                elif not self.costs.known(name):  # a new name for a known architecture: no calibration
+                    twin = next((n for n, s in self._shapes.items() if s == shape and n != name
+                                 and self.costs.known(n)), None)
+                    if twin is not None:
+                        self.costs.copy(twin, name)
+            else:
+                self.batches.remove(name)  # (its costs stay: the same weights may come back)
+                with self._cv:
+                    orphans += [j for j in self._waiting if j.spec.model == name]
+                    self._waiting = deque(j for j in self._waiting if j.spec.model != name)
+            done.set_result(None)
         for job in orphans:
-            job.finish(error=GenerationFailed(f"model {name!r} was unloaded before this request started"))
+            job.finish(error=GenerationFailed(f"model {job.spec.model!r} was unloaded before this request started"))
 
     def busy(self, name: str) -> bool:
         """Rows of ``name`` in flight or decoding, or requests for it waiting."""
@@ -226,7 +253,8 @@ class Engine:
                 log.exception("calibrating %s failed", name)
 
     def _idle(self) -> bool:
-        return not self._waiting and not any(b.busy for b in self.batches.values()) and not self._retired
+        return (not self._waiting and not any(b.busy for b in self.batches.values()) and not self._retired
+                and not self._changes)
 
     def _loop(self) -> None:
         while True:
@@ -245,16 +273,10 @@ class Engine:
 
     def iterate(self) -> int:
         """One engine iteration over every model; returns the rows that went through a forward pass."""
-        if self._forget or self._borrow:
+        if self._changes:
             with self._cv:
-                forget, self._forget, borrow, self._borrow = self._forget, set(), self._borrow, {}
-            for name in forget:
-                self.costs.forget(name)
-            for name, shape in borrow.items():
-                twin = next((n for n, s in self._shapes.items() if s == shape and n != name and self.costs.known(n)),
-                            None)
-                if twin is not None and not self.costs.known(name):
-                    self.costs.copy(twin, name)
+                changes, self._changes = self._changes, []
+            self._apply(changes)
         if self.calibrate_s > 0 and self.policy.goodput:
             with self._cv:
                 cold = [j for j in self._waiting if not self.costs.known(j.batch)]

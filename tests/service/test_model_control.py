@@ -289,3 +289,31 @@ def test_the_engine_swaps_weights_and_keeps_or_drops_what_it_measured(served):
     assert not engine.costs.known("a") and engine.costs.known("c")
     engine.remove("c")
     assert set(engine.models) == {"a"} and "c" not in engine.batches
+
+
+def test_an_unload_during_a_load_ends_unloaded_and_aliases_follow_their_model(served):
+    """The loader thread serialises changes: an unload asked for while the model loads wins, and a
+    load after it brings the model (and the aliases that name it) back."""
+    opened = threading.Event()
+    opened.set()
+
+    def slow(path, device, **kw):
+        assert opened.wait(30)
+        return diffusion.load(path, device, **kw)
+    _aliases(served, {"prod": "b"})
+    one = disk_bytes(served / "a.safetensors")
+    registry = ModelRegistry.load(served, torch.device("cpu"), default="a", budget_bytes=int(one * 2.5), loader=slow)
+    assert registry.entry("b").state == "resident" and registry.resolve("prod") == "b"
+    registry.request_unload("b").result(30)
+    assert registry.entry("b").state == "unloaded" and registry.entry("b").pipe is None
+    with pytest.raises(LookupError):
+        registry.resolve("prod")  # its model is out of service: so is the alias, for now
+    opened.clear()
+    loading = registry.request_load("b")
+    unloading = registry.request_unload("b")  # while the load waits
+    opened.set()
+    loading.result(30), unloading.result(30)
+    assert registry.entry("b").state == "unloaded" and registry.entry("b").pipe is None
+    registry.request_load("b").result(30)
+    assert registry.entry("b").state == "resident" and registry.resolve("prod") == "b"
+    registry.close()
