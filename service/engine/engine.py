@@ -41,7 +41,7 @@ from typing import Protocol
 import torch
 
 from diffusion import Acceleration
-from service.engine.batches import Batches, belongs, network_rows
+from service.engine.batches import Batches, batch_key, belongs, network_rows
 from service.engine.costs import CostModel
 from service.engine.executor import Model, ModelBatch, Retired
 from service.engine.job import (DeadlineExceeded, EngineClosed, GenerationFailed, GenerationResult, GenerationSpec,
@@ -102,6 +102,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._service_time_s = 1.0  # running mean of admitted -> done, for Retry-After
         self._changes: list = []  # model installs and removals waiting for the engine's thread (_apply)
+        self._incoming: dict[str, ModelBatch] = {}  # name -> the batch an install waiting in _changes brings
         self._shapes = {name: _shape(m) for name, m in models.items()}  # what each name's costs were measured on
         self.iterations = 0
 
@@ -130,10 +131,15 @@ class Engine:
 
     def _change(self, change: tuple) -> Future:
         done: Future = Future()
+        kind, name, _, batch = change
         with self._cv:
             direct = self._stop or self._thread is None  # no engine thread: apply here (start-up, tests, shutdown)
             if not direct:
                 self._changes.append((change, done))
+                if kind == "install":  # submissions from now on see the new model
+                    self._incoming[name] = batch
+                else:
+                    self._incoming.pop(name, None)
                 self._cv.notify_all()
         if direct:
             self._apply([(change, done)])
@@ -160,6 +166,9 @@ class Engine:
                 with self._cv:
                     orphans += [j for j in self._waiting if j.spec.model == name]
                     self._waiting = deque(j for j in self._waiting if j.spec.model != name)
+            with self._cv:
+                if batch is not None and self._incoming.get(name) is batch:
+                    del self._incoming[name]
             done.set_result(None)
         for job in orphans:
             job.finish(error=GenerationFailed(f"model {job.spec.model!r} was unloaded before this request started"))
@@ -177,12 +186,18 @@ class Engine:
         QueueFull, EngineClosed, Refused (it cannot finish in time even alone, by the cost model), or
         KeyError for an unknown model. ``listener`` (see :attr:`Job.listener`) receives its progress
         and previews."""
-        if spec.model not in self.models:
-            raise KeyError(spec.model)
+        with self._cv:  # the weights it will run on: those being swapped in, or those served now
+            batch = self._incoming.get(spec.model)
+        if batch is None:
+            if spec.model not in self.models:
+                raise KeyError(spec.model)
+            batch = self.batches[spec.model]
         if spec.num_images > self.max_rows:
             raise ValueError(f"{spec.num_images} images exceed the {self.max_rows} rows of a forward pass")
-        work = self.batches[spec.model].evaluations(spec)
-        key, net = self.batches.key(spec), self.batches.network_rows(spec)
+        work = batch.evaluations(spec)
+        card = batch.model.card
+        key = batch_key(spec, card.sample_shape)
+        net = network_rows(spec.num_images, spec.guidance > 0 and card.guidable)
         if timeout_s is not None and self.policy.goodput and self.costs.known(key):
             alone = work * self.costs.cost(key, net, fastest=True)
             if alone * self.policy.margin > timeout_s:  # even alone, on an idle engine, at its fastest
