@@ -60,7 +60,6 @@ log = logging.getLogger("service.registry")
 PREFERRED_DEFAULT = "mnist-text-compact"
 MODES = ("none", "poll", "explicit")
 ALIASES_FILE = "aliases.json"
-STATES = ("available", "loading", "resident", "failed", "unloaded")
 
 
 class NoCheckpoints(RuntimeError):
@@ -325,7 +324,7 @@ class ModelRegistry:
                 del self._entries[name]
                 continue
             except LoadError as err:
-                if mode_stops(self.mode):
+                if self.mode == "none":  # a broken file stops the start-up, as before models could change
                     raise (err.__cause__ or err) from None  # the file's own error (CheckpointError), as before
                 continue  # it shows as failed; the others serve
             if not self.default:
@@ -684,8 +683,3 @@ class ModelRegistry:
             log.info({"event": "aliases", "aliases": self._aliases})
         except (OSError, ValueError) as err:  # the previous aliases stay; read again at the next scan
             log.error({"event": "aliases_invalid", "file": str(path), "error": str(err)})
-
-
-def mode_stops(mode: str) -> bool:
-    """Whether a broken model stops the start-up (``none``: as before models could change)."""
-    return mode == "none"

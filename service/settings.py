@@ -184,9 +184,11 @@ class Settings(BaseSettings):
     @field_validator("model_control")
     @classmethod
     def _control(cls, value: str) -> str:
+        from service.registry import MODES
+
         v = value.strip().lower()
-        if v not in ("none", "poll", "explicit"):
-            raise ValueError(f"model_control must be none, poll or explicit, got {value!r}")
+        if v not in MODES:
+            raise ValueError(f"model_control must be one of {', '.join(MODES)}, got {value!r}")
         return v
 
     @field_validator("model_memory")

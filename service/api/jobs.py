@@ -49,10 +49,11 @@ async def hold(registry: ModelRegistry, name: str, wait_s: float) -> tuple[Lease
 
 
 def wait_s(body, settings: Settings) -> float:
-    """How long a request may wait for its model's load: its deadline (bulk: the longest allowed)."""
-    if body.bulk:
+    """How long a request (native or OpenAI) may wait for its model's load: its deadline (bulk: the
+    longest allowed)."""
+    if getattr(body, "bulk", False):
         return settings.max_timeout_s
-    return min(body.timeout_s or settings.request_timeout_s, settings.max_timeout_s)
+    return min(getattr(body, "timeout_s", None) or settings.request_timeout_s, settings.max_timeout_s)
 
 
 def charged(spec: GenerationSpec, waited_s: float) -> GenerationSpec:

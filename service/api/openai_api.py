@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from service import render
 from service.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep, require_key
 from service.api.errors import openai_body
-from service.api.jobs import charged, hold, submit, timeout, wait
+from service.api.jobs import charged, hold, submit, timeout, wait, wait_s
 from service.api.openapi import event_stream
 from service.api import openai_forms
 from service.api.openai_forms import invalid
@@ -114,16 +114,13 @@ async def _serve(req, request: Request, settings: Settings, registry: ModelRegis
     """Every OpenAI image endpoint's way: translate, prepare (decoding any image off the loop), run,
     answer as JSON or as a stream of the protocol's events."""
     info = request.state.log
-    model = registry.default if req.model is None else req.model if req.model in registry else "unknown"
-    info.update(model=model, scheduler=req.scheduler or "unknown", images=req.n or 1, api="openai", kind=protocol.kind)
+    info.update(scheduler=req.scheduler or "unknown", images=req.n or 1, api="openai", kind=protocol.kind)
     if settings.log_prompts:
         info.update(prompt=req.prompt)
-    timeout_s = getattr(req, "timeout_s", None)
     try:
         name = registry.resolve(req.model)
         info["model"] = name
-        lease, waited = await hold(registry, name, settings.max_timeout_s if getattr(req, "bulk", False) else
-                                   min(timeout_s or settings.request_timeout_s, settings.max_timeout_s))
+        lease, waited = await hold(registry, name, wait_s(req, settings))
     except UnknownModel:
         info["model"] = "unknown"
         raise not_found(req, registry) from None

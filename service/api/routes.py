@@ -55,7 +55,7 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     image-to-image and inpainting); see the request schema for every field."""
     start = time.perf_counter()
     info = request.state.log
-    info.update(model=body.model or registry.default, scheduler=body.scheduler or "unknown", images=body.num_images,
+    info.update(scheduler=body.scheduler or "unknown", images=body.num_images,
                 kind="edit" if body.image is not None else "generation")
     if settings.log_prompts:
         info.update(prompt=body.prompt, class_label=body.class_label)

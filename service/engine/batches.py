@@ -81,12 +81,6 @@ class Batches(Mapping[str, ModelBatch]):
         return list(self._by_key.items())
 
     # --- the engine's thread -------------------------------------------------------------------------
-    def key(self, spec: GenerationSpec) -> str:
-        return batch_key(spec, self.models[spec.model].card.sample_shape)
-
-    def network_rows(self, spec: GenerationSpec) -> int:
-        return network_rows(spec.num_images, spec.guidance > 0 and self.models[spec.model].card.guidable)
-
     def for_job(self, job: Job) -> ModelBatch:
         """The batch of the job's model and size (made for a size not seen yet)."""
         batch = self._by_key.get(job.batch)
