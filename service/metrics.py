@@ -68,6 +68,25 @@ class Metrics:
                                       "hand to the engine)", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.model_bytes = Gauge("diffusion_model_resident_bytes", "Bytes of a model's weights on the device",
                                  ["model"], registry=r)
+        # --- jobs (service/jobs): the store's counts are read every few seconds by the job runner
+        self.jobs = Gauge("diffusion_jobs", "Jobs in the job store by status (every replica sees the same store)",
+                          ["status"], registry=r)
+        self.jobs_queue_age = Gauge("diffusion_jobs_queue_age_seconds", "Age of the oldest queued job", registry=r)
+        self.jobs_submitted = Counter("diffusion_jobs_submitted_total", "Jobs accepted by this replica", registry=r)
+        self.jobs_finished = Counter("diffusion_jobs_finished_total", "Terminal results written by this replica",
+                                     ["status"], registry=r)
+        self.jobs_claimed = Counter("diffusion_jobs_claimed_total", "Jobs this replica claimed to run", registry=r)
+        self.jobs_reclaimed = Counter("diffusion_jobs_reclaimed_total", "Jobs taken back from a replica that stopped "
+                                      "renewing its lease (died), or found running at a restart", registry=r)
+        self.webhooks = Counter("diffusion_webhook_deliveries_total", "Webhook delivery attempts by outcome: "
+                                "delivered, failed (retried), gave_up (the last attempt failed), refused (address "
+                                "not allowed)", ["outcome"], registry=r)
+        for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+            self.jobs.labels(status)
+        for status in ("succeeded", "failed", "cancelled"):
+            self.jobs_finished.labels(status)
+        for outcome in ("delivered", "failed", "gave_up", "refused"):
+            self.webhooks.labels(outcome)
         self.depth = Gauge("diffusion_queue_depth", "Requests waiting for rows", registry=r)
         self.depth.set_function(queue_depth)
         self.in_flight = Gauge("diffusion_rows_in_flight", "Images being denoised", registry=r)
@@ -162,6 +181,12 @@ class Metrics:
             self.previews_total.labels(model, "sent").inc(sent)
         if dropped:
             self.previews_total.labels(model, "dropped").inc(dropped)
+
+    # --- jobs -----------------------------------------------------------------------------------
+    def job_counts(self, by_status: dict[str, int], oldest_queued_s: float) -> None:
+        for status, n in by_status.items():
+            self.jobs.labels(status).set(n)
+        self.jobs_queue_age.set(oldest_queued_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -108,6 +108,27 @@ class Settings(BaseSettings):
     starvation_s: float = Field(30.0, gt=0, description="a request waiting this long is admitted next, "
                                 "whatever its size")
 
+    # --- jobs (POST /jobs) -------------------------------------------------------------------------
+    jobs_url: str = Field("", description="where jobs live: empty (SQLite in data_dir, this process only), "
+                          "sqlite:///path/jobs.sqlite3, or redis://host:6379/0 (every replica pulls from one queue)")
+    data_dir: Path = Field(Path("data"), description="the service's own files (jobs.sqlite3); one process per "
+                           "directory")
+    job_ttl_s: float = Field(86400.0, gt=0, description="seconds a finished job (its result and events) is kept, "
+                             "then purged")
+    max_jobs_queued: int = Field(10000, ge=1, description="queued jobs, at most; more get 429")
+    visibility_timeout_s: float = Field(30.0, gt=0, description="a replica renews its claim on a running job every "
+                                        "third of this; a claim not renewed this long (the replica died) is taken "
+                                        "by another, and the job runs again with its seeds")
+    job_workers: bool = Field(True, description="this process runs jobs (false: it only accepts and answers "
+                              "about them, e.g. an API-only replica)")
+    webhook_secret: SecretStr | None = Field(None, description="Standard Webhooks signing secret (whsec_<base64> "
+                                             "or any string); unset: deliveries are not signed")
+    webhook_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated CIDRs and host names webhooks may reach although "
+        "private, loopback or link-local (everything else public is allowed; those are refused)")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="one webhook delivery attempt, at most")
+    webhook_attempts: int = Field(5, ge=1, le=20, description="attempts per webhook event (exponential backoff)")
+
     # --- access and operations -----------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="comma-separated bearer keys; empty: no authentication")
@@ -122,7 +143,7 @@ class Settings(BaseSettings):
         """``DIFFUSION_DEFAULT_MODEL=`` (a ConfigMap or env file listing every setting) means the default rule."""
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("api_keys", "cors_origins", "compile_buckets", mode="before")
+    @field_validator("api_keys", "cors_origins", "compile_buckets", "webhook_allowlist", mode="before")
     @classmethod
     def _lists(cls, value):
         return _split(value)
@@ -203,7 +224,15 @@ class Settings(BaseSettings):
             raise ValueError(f"model_memory must be a fraction (0.6) or a size (8GB, 512MiB), got {value!r}") from None
         return value
 
-    @field_validator("admin_key", mode="before")
+    @field_validator("jobs_url")
+    @classmethod
+    def _jobs_url(cls, value: str) -> str:
+        v = value.strip()
+        if v and not v.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
+            raise ValueError(f"jobs_url must be empty, sqlite:///PATH or redis://HOST:PORT/DB, got {value!r}")
+        return v
+
+    @field_validator("admin_key", "webhook_secret", mode="before")
     @classmethod
     def _no_empty_key(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Services started by tests keep their jobs (SQLite) out of the working tree; each test gets a
+# directory of its own below (_data_dir), apps that outlive a test share this one.
+os.environ.setdefault("DIFFUSION_DATA_DIR", tempfile.mkdtemp(prefix="diffusion-test-data-"))
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +21,10 @@ def mnist_dir() -> Path:
     if not d.is_dir():
         pytest.skip("../shared/data/mnist-10k not available")
     return d
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path_factory, monkeypatch):
+    """Each test's services keep their jobs (SQLite) in a directory of their own: one process may hold a
+    data directory at a time, and nothing is written into the working tree."""
+    monkeypatch.setenv("DIFFUSION_DATA_DIR", str(tmp_path_factory.mktemp("data")))

@@ -168,10 +168,12 @@ async def healthz() -> dict:
 
 @router.get("/readyz", responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> Response:
-    """Ready: models loaded and the engine running; 503 before that and while shutting down."""
+    """Ready: models loaded, the engine running and the job store reachable; 503 before that, while
+    shutting down, and while the job store (Redis) is unreachable."""
     engine = getattr(request.app.state, "engine", None)
     registry = getattr(request.app.state, "registry", None)
-    if registry is None or engine is None or not engine.running:
+    jobs = getattr(request.app.state, "jobs", None)
+    if registry is None or engine is None or not engine.running or jobs is None or not jobs.healthy:
         return Response('{"status":"not ready"}', status_code=503, media_type="application/json",
                         headers={"Retry-After": "5"})
     return Response('{"status":"ready"}', media_type="application/json")

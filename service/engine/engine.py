@@ -233,6 +233,19 @@ class Engine:
                     return k
         return None
 
+    def free_rows(self) -> int:
+        """Image rows this engine can take now without anything waiting for room: the cost model's
+        knee (the batch beyond which a larger one stops paying in images/s; ``max_rows`` while nothing
+        is measured), converted from network rows at two per image (guided) for the batches that run,
+        less the rows in flight and the rows waiting. Pulling job runners claim by it."""
+        with self._cv:
+            waiting = sum(j.rows for j in self._waiting)
+        cap = self.max_rows
+        for key, batch in list(self.batches.items()):
+            if batch.rows:
+                cap = min(cap, max(1, self.costs.knee(key, 2 * self.max_rows) // 2))
+        return max(0, cap - self.rows_in_flight - waiting)
+
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)

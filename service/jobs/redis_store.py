@@ -1,0 +1,398 @@
+"""Jobs in Redis, shared by every replica (``DIFFUSION_JOBS_URL=redis://host:6379/0``).
+
+Why a Stream with a consumer group: it is Redis's own at-least-once queue. ``XREADGROUP`` hands an
+entry to one replica and keeps it in the group's pending list until that replica acknowledges it;
+``XAUTOCLAIM`` gives entries whose replica stopped touching them (idle longer than the visibility
+timeout) to another; KEDA's ``redis-streams`` scaler reads the same group's lag and pending counts.
+A replica asks for entries only while its engine has free rows, so work spreads by capacity.
+
+Keys (prefix ``diffusion:jobs:``): ``job:{id}`` a hash (the record; JSON fields as strings),
+``events:{id}`` a list (event k is sequence number k), ``queue`` the stream (group ``replicas``),
+``queued`` a sorted set in submission order (positions, the queue limit, the oldest age),
+``owner:{owner}`` and ``finished`` sorted sets (listing, purging), ``idem:{owner}:{key}`` → id,
+``counts`` a hash of jobs by status. Every state change is one Lua script, so it is atomic with its
+event and its counts: a job's terminal result is written once whatever races it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.jobs.store import (STATUSES, TERMINAL, TERMINAL_EVENT, Event, IdempotencyConflict, JobRecord, JobStore,
+                                QueueLimit, StoreUnavailable, dumps, loads)
+
+PREFIX = "diffusion:jobs:"
+STREAM = PREFIX + "queue"
+GROUP = "replicas"
+
+_CREATE = """
+local P, id = ARGV[1], ARGV[2]
+local queued = redis.call('ZCARD', P..'queued')
+if queued >= tonumber(ARGV[3]) then return {'full', queued} end
+if ARGV[4] ~= '' then
+  if not redis.call('SET', ARGV[4], id, 'NX') then return {'retry', 0} end
+end
+local seq = redis.call('INCR', P..'seq')
+local k = P..'job:'..id
+redis.call('HSET', k, unpack(ARGV, 6))
+local entry = redis.call('XADD', P..'queue', '*', 'id', id)
+redis.call('HSET', k, 'entry', entry, 'qseq', seq, 'seq', seq)
+redis.call('ZADD', P..'queued', seq, id)
+redis.call('ZADD', P..'owner:'..ARGV[5], seq, id)
+redis.call('HINCRBY', P..'counts', 'queued', 1)
+redis.call('RPUSH', P..'events:'..id, cjson.encode({e='queued', d={position=queued}}))
+return {'created', queued}
+"""
+
+_CLAIM = """
+local P, id, worker, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local k = P..'job:'..id
+local st = redis.call('HGET', k, 'status')
+local function drop()
+  redis.call('XACK', P..'queue', 'replicas', entry)
+  redis.call('XDEL', P..'queue', entry)
+  return 0
+end
+if not st or redis.call('HGET', k, 'entry') ~= entry then return drop() end
+if st == 'queued' then
+  redis.call('HSET', k, 'status', 'running', 'worker', worker)
+  redis.call('HINCRBY', k, 'attempts', 1)
+  redis.call('HSETNX', k, 'started_at', ARGV[5])
+  redis.call('ZREM', P..'queued', id)
+  redis.call('HINCRBY', P..'counts', 'queued', -1)
+  redis.call('HINCRBY', P..'counts', 'running', 1)
+  return 1
+elseif st == 'running' then
+  redis.call('HSET', k, 'worker', worker, 'progress', '')
+  redis.call('HINCRBY', k, 'attempts', 1)
+  redis.call('RPUSH', P..'events:'..id, cjson.encode({e='requeued', d={reason="the worker's lease lapsed"}}))
+  return 2
+end
+return drop()
+"""
+
+_FINISH = """
+local P, id, status = ARGV[1], ARGV[2], ARGV[3]
+local k = P..'job:'..id
+local st = redis.call('HGET', k, 'status')
+if st ~= 'queued' and st ~= 'running' then return 0 end
+redis.call('HSET', k, 'status', status, 'result', ARGV[4], 'error', ARGV[5], 'finished_at', ARGV[6], 'worker', '')
+redis.call('HINCRBY', P..'counts', st, -1)
+redis.call('HINCRBY', P..'counts', status, 1)
+redis.call('ZREM', P..'queued', id)
+local entry = redis.call('HGET', k, 'entry')
+if entry then
+  redis.call('XACK', P..'queue', 'replicas', entry)
+  redis.call('XDEL', P..'queue', entry)
+end
+redis.call('RPUSH', P..'events:'..id, ARGV[7])
+redis.call('ZADD', P..'finished', ARGV[6], id)
+return 1
+"""
+
+_RELEASE = """
+local P, id, worker = ARGV[1], ARGV[2], ARGV[3]
+local k = P..'job:'..id
+if redis.call('HGET', k, 'status') ~= 'running' or redis.call('HGET', k, 'worker') ~= worker then return 0 end
+local old = redis.call('HGET', k, 'entry')
+redis.call('XACK', P..'queue', 'replicas', old)
+redis.call('XDEL', P..'queue', old)
+local entry = redis.call('XADD', P..'queue', '*', 'id', id)
+redis.call('HSET', k, 'status', 'queued', 'worker', '', 'entry', entry, 'progress', '')
+redis.call('ZADD', P..'queued', redis.call('HGET', k, 'qseq'), id)
+redis.call('HINCRBY', P..'counts', 'running', -1)
+redis.call('HINCRBY', P..'counts', 'queued', 1)
+redis.call('RPUSH', P..'events:'..id, cjson.encode({e='requeued', d={reason=ARGV[4]}}))
+return 1
+"""
+
+_APPEND = """
+local P, id = ARGV[1], ARGV[2]
+local st = redis.call('HGET', P..'job:'..id, 'status')
+if st ~= 'queued' and st ~= 'running' then return 0 end
+if ARGV[4] ~= '' then redis.call('HSET', P..'job:'..id, 'progress', ARGV[4]) end
+return redis.call('RPUSH', P..'events:'..id, ARGV[3])
+"""
+
+_CANCEL = """
+local P, id = ARGV[1], ARGV[2]
+local k = P..'job:'..id
+if redis.call('HGET', k, 'status') == 'running' then redis.call('HSET', k, 'cancel', '1') return 1 end
+return 0
+"""
+
+_PURGE = """
+local P, id = ARGV[1], ARGV[2]
+local k = P..'job:'..id
+local f = redis.call('HMGET', k, 'status', 'owner', 'idem')
+redis.call('ZREM', P..'finished', id)
+if not f[1] then return 0 end
+redis.call('HINCRBY', P..'counts', f[1], -1)
+redis.call('ZREM', P..'owner:'..f[2], id)
+if f[3] and f[3] ~= '' then
+  local ik = P..'idem:'..f[2]..':'..f[3]
+  if redis.call('GET', ik) == id then redis.call('DEL', ik) end
+end
+redis.call('DEL', k, P..'events:'..id)
+return 1
+"""
+
+_DELIVERED = """
+local P, id = ARGV[1], ARGV[2]
+local k = P..'job:'..id
+if redis.call('EXISTS', k) == 0 then return 0 end
+if ARGV[3] == '1' then redis.call('HINCRBY', k, 'deliveries', 1)
+else redis.call('HINCRBY', k, 'delivery_failures', 1) redis.call('HSET', k, 'delivery_error', ARGV[4]) end
+return 1
+"""
+
+
+def _available(method):
+    """Redis down is StoreUnavailable (a 503 at the routes, a retry in the runner)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            raise StoreUnavailable(f"the job store (Redis) is unreachable: {e}") from None
+    return wrapper
+
+
+def _ev(event: str, data: dict) -> str:
+    return json.dumps({"e": event, "d": data}, separators=(",", ":"))
+
+
+class RedisStore(JobStore):
+    _threads = 8  # blocking socket calls: several may wait at once (a slow Redis blocks no one else)
+
+    def __init__(self, url: str, prefix: str = PREFIX):
+        super().__init__()
+        self.prefix = prefix
+        self.stream = prefix + "queue"
+        self.r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, decode_responses=True,
+                                      health_check_interval=10)
+        self._scripts = {name: self.r.register_script(src) for name, src in [
+            ("create", _CREATE), ("claim", _CLAIM), ("finish", _FINISH), ("release", _RELEASE),
+            ("append", _APPEND), ("cancel", _CANCEL), ("purge", _PURGE), ("delivered", _DELIVERED)]}
+        self._group_ready = False
+        self.recovered = 0
+
+    def _script(self, name: str, *args):
+        return self._scripts[name](keys=[], args=[self.prefix, *args])
+
+    def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            self.r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    def close(self) -> None:
+        super().close()
+        self.r.close()
+
+    @_available
+    def healthy(self) -> bool:
+        return bool(self.r.ping())
+
+    # --- records --------------------------------------------------------------------------------
+    @staticmethod
+    def _record(h: dict) -> JobRecord:
+        def f(name):
+            v = h.get(name)
+            return float(v) if v not in (None, "") else None
+        return JobRecord(
+            id=h["id"], owner=h["owner"], status=h["status"], request=loads(h["request"]), model=h.get("model", ""),
+            body_hash=h.get("body_hash", ""), idempotency_key=h.get("idem") or None,
+            webhook=loads(h.get("webhook") or None), created_at=float(h["created_at"]), started_at=f("started_at"),
+            finished_at=f("finished_at"), attempts=int(h.get("attempts", 0)), worker=h.get("worker") or None,
+            progress=loads(h.get("progress") or None), result=loads(h.get("result") or None),
+            error=loads(h.get("error") or None), cancel_requested=h.get("cancel") == "1",
+            deliveries=int(h.get("deliveries", 0)), delivery_failures=int(h.get("delivery_failures", 0)),
+            delivery_error=h.get("delivery_error") or None, rows=int(h.get("rows", 1)))
+
+    def _key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    # --- the contract ---------------------------------------------------------------------------
+    @_available
+    def create(self, record: JobRecord, max_queued: int) -> tuple[JobRecord, bool]:
+        self._ensure_group()
+        idem = f"{self.prefix}idem:{record.owner}:{record.idempotency_key}" if record.idempotency_key else ""
+        fields = {"id": record.id, "owner": record.owner, "status": "queued", "model": record.model,
+                  "request": dumps(record.request), "body_hash": record.body_hash,
+                  "idem": record.idempotency_key or "", "webhook": dumps(record.webhook) or "",
+                  "rows": record.rows, "created_at": repr(record.created_at), "attempts": 0,
+                  "deliveries": 0, "delivery_failures": 0, "last_event": 1}
+        flat = [str(x) for kv in fields.items() for x in kv]
+        for _ in range(5):
+            if idem:
+                existing = self.r.get(idem)
+                if existing is not None:
+                    found = self.get(existing)
+                    if found is not None:
+                        if found.body_hash != record.body_hash:
+                            raise IdempotencyConflict(existing)
+                        return found, False
+                    self.r.delete(idem)  # its job was purged: the key is free again
+            outcome, queued = self._script("create", record.id, max_queued, idem, record.owner, *flat)
+            if outcome == "full":
+                raise QueueLimit(int(queued))
+            if outcome == "created":
+                record.position = int(queued)
+                return record, True
+        raise StoreUnavailable("could not settle an idempotency key race")
+
+    @_available
+    def get(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        h = self.r.hgetall(self._key(job_id))
+        if not h or (owner is not None and h.get("owner") != owner):
+            return None
+        record = self._record(h)
+        if record.status == "queued":
+            record.position = self.r.zrank(self.prefix + "queued", job_id)
+        return record
+
+    @_available
+    def list(self, owner: str, status: str | None = None, limit: int = 20,
+             before: str | None = None) -> tuple[list[JobRecord], str | None]:
+        key = f"{self.prefix}owner:{owner}"
+        top = "+inf"
+        if before is not None:
+            score = self.r.zscore(key, before)
+            if score is None:
+                return [], None
+            top = f"({int(score)}"
+        page: list[JobRecord] = []
+        while len(page) <= limit:
+            ids = self.r.zrevrangebyscore(key, top, "-inf", start=0, num=4 * limit + 1, withscores=True)
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for job_id, _ in ids:
+                pipe.hgetall(self._key(job_id))
+            for (job_id, score), h in zip(ids, pipe.execute()):
+                top = f"({int(score)}"
+                if not h:
+                    self.r.zrem(key, job_id)  # purged
+                    continue
+                if status is None or h["status"] == status:
+                    page.append(self._record(h))
+                    if len(page) > limit:
+                        break
+        return page[:limit], (page[limit - 1].id if len(page) > limit else None)
+
+    @_available
+    def claim(self, worker: str, limit: int, visibility_s: float) -> list[JobRecord]:
+        self._ensure_group()
+        got = self.r.xreadgroup(GROUP, worker, {self.stream: ">"}, count=limit)
+        return self._take(worker, [e for _, entries in got or [] for e in entries], reclaim=False)
+
+    def _take(self, worker: str, entries, reclaim: bool) -> list[JobRecord]:
+        records = []
+        for entry, fields in entries:
+            if not fields:  # deleted while pending
+                self.r.xack(self.stream, GROUP, entry)
+                continue
+            job_id = fields["id"]
+            taken = self._script("claim", job_id, worker, entry, repr(time.time()))
+            if taken:
+                record = self.get(job_id)
+                if record is not None:
+                    records.append(record)
+        return records
+
+    @_available
+    def extend(self, worker: str, job_ids: list[str], visibility_s: float) -> dict[str, bool]:
+        if not job_ids:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self._key(job_id), "status", "worker", "entry", "cancel")
+        mine = {}
+        entries = []
+        for job_id, (status, owner, entry, cancel) in zip(job_ids, pipe.execute()):
+            if status == "running" and owner == worker:
+                mine[job_id] = cancel == "1"
+                entries.append(entry)
+        if entries:  # touching the pending entries resets their idle time: no one reclaims them
+            self.r.xclaim(self.stream, GROUP, worker, 0, entries, justid=True)
+        return mine
+
+    @_available
+    def reclaim(self, worker: str, visibility_s: float, limit: int) -> list[JobRecord]:
+        self._ensure_group()
+        if limit <= 0:
+            return []
+        _, entries, *_ = self.r.xautoclaim(self.stream, GROUP, worker, int(visibility_s * 1000), "0-0", count=limit)
+        return self._take(worker, entries, reclaim=True)
+
+    @_available
+    def release(self, job_id: str, worker: str) -> bool:
+        return bool(self._script("release", job_id, worker, "its worker stopped before it finished"))
+
+    @_available
+    def append(self, job_id: str, event: str, data: dict, progress: dict | None = None) -> int:
+        return int(self._script("append", job_id, _ev(event, data), dumps(progress) or ""))
+
+    @_available
+    def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[Event]:
+        items = self.r.lrange(f"{self.prefix}events:{job_id}", after, after + limit - 1)
+        out = []
+        for k, text in enumerate(items):
+            item = json.loads(text)
+            out.append(Event(after + k + 1, item["e"], item["d"]))
+        return out
+
+    @_available
+    def finish(self, job_id: str, status: str, result: dict | None = None, error: dict | None = None) -> bool:
+        assert status in TERMINAL
+        return bool(self._script("finish", job_id, status, dumps(result) or "", dumps(error) or "",
+                                 repr(time.time()), _ev(TERMINAL_EVENT[status], error or {})))
+
+    @_available
+    def request_cancel(self, job_id: str, owner: str | None) -> JobRecord | None:
+        record = self.get(job_id, owner)
+        if record is None:
+            return None
+        if record.status == "queued":
+            self.finish(job_id, "cancelled", None, {"status": 499, "detail": "cancelled before it ran"})
+        elif record.status == "running":
+            self._script("cancel", job_id)
+        return self.get(job_id, owner)
+
+    @_available
+    def delivered(self, job_id: str, ok: bool, detail: str | None) -> None:
+        self._script("delivered", job_id, "1" if ok else "0", detail or "")
+
+    @_available
+    def purge(self, older_than_s: float, now: float | None = None) -> int:
+        cutoff = (time.time() if now is None else now) - older_than_s
+        n = 0
+        while True:
+            ids = self.r.zrangebyscore(self.prefix + "finished", "-inf", cutoff, start=0, num=500)
+            if not ids:
+                return n
+            for job_id in ids:
+                n += int(self._script("purge", job_id))
+
+    @_available
+    def counts(self) -> tuple[dict[str, int], float]:
+        raw = self.r.hgetall(self.prefix + "counts")
+        by = {s: max(0, int(raw.get(s, 0))) for s in STATUSES}
+        first = self.r.zrange(self.prefix + "queued", 0, 0)
+        age = 0.0
+        if first:
+            created = self.r.hget(self._key(first[0]), "created_at")
+            age = max(0.0, time.time() - float(created)) if created else 0.0
+        return by, age
