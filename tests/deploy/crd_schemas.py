@@ -82,6 +82,32 @@ SCALED_OBJECT = resource("keda.sh/v1alpha1", "ScaledObject", closed({
     }, ("type", "metadata"))},
 }, ("scaleTargetRef", "triggers")))
 
+# A trigger's metadata is map[string]string in the CRD; each scaler reads its own keys and KEDA rejects a
+# ScaledObject whose scaler finds a value it cannot parse, but a misspelt optional key ("lagcount") is
+# silently ignored. These are the keys of the scalers used here (KEDA's pkg/scalers/prometheus_scaler.go,
+# redis_streams_scaler.go and the connection fields in redis_scaler.go; "<key>FromEnv" reads a key from
+# the scale target's environment), closed, with the counts as integer strings.
+INTEGER_STRING = {"type": "string", "pattern": r"^[0-9]+$"}
+NUMBER_STRING = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}
+BOOL_STRING = {"type": "string", "enum": ["true", "false"]}
+TRIGGER_METADATA = {
+    "prometheus": closed({
+        "serverAddress": {"type": "string"}, "query": {"type": "string"}, "threshold": NUMBER_STRING,
+        "activationThreshold": NUMBER_STRING, "namespace": {"type": "string"}, "customHeaders": {"type": "string"},
+        "queryParameters": {"type": "string"}, "ignoreNullValues": BOOL_STRING, "unsafeSsl": BOOL_STRING,
+        "timeout": INTEGER_STRING}, ("serverAddress", "query", "threshold")),
+    "redis-streams": {**closed({
+        **{key: {"type": "string"} for key in ("address", "host", "port", "addressFromEnv", "hostFromEnv",
+                                               "portFromEnv", "usernameFromEnv", "passwordFromEnv")},
+        "stream": {"type": "string", "minLength": 1}, "consumerGroup": {"type": "string"},
+        "pendingEntriesCount": INTEGER_STRING, "streamLength": INTEGER_STRING, "lagCount": INTEGER_STRING,
+        "activationLagCount": INTEGER_STRING, "databaseIndex": INTEGER_STRING, "enableTLS": BOOL_STRING,
+        "unsafeSsl": BOOL_STRING}, ("stream",)),
+        # where Redis is: an address, or a host and a port, given or read from the environment
+        "anyOf": [{"required": ["address"]}, {"required": ["addressFromEnv"]},
+                  {"anyOf": [{"required": ["host"]}, {"required": ["hostFromEnv"]}]}]},
+}
+
 # The Prometheus Adapter's rule format (its config.yaml; the Helm chart's rules.custom).
 ADAPTER_RULE = closed({
     "seriesQuery": {"type": "string"},

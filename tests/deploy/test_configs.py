@@ -35,6 +35,14 @@ SERIES = ({"diffusion_requests_total", "diffusion_images_generated_total", "diff
            "diffusion_model_load_failures_total", "diffusion_model_evictions_total", "diffusion_model_unloads_total",
            "diffusion_model_resident_bytes", "up"}
           | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")})
+# Jobs (issue "jobs that survive"). The first two describe the job store, which every replica sees
+# whole (one Redis, or a single replica's SQLite): the dashboard takes their max over replicas, as a
+# sum would count each job once per replica. The counters are per replica and are summed.
+JOB_STORE_GAUGES = {"diffusion_jobs", "diffusion_jobs_queue_age_seconds"}
+JOB_SERIES = JOB_STORE_GAUGES | {"diffusion_jobs_submitted_total", "diffusion_jobs_finished_total",
+                                 "diffusion_jobs_reclaimed_total", "diffusion_jobs_claimed_total",
+                                 "diffusion_webhook_deliveries_total"}
+SERIES |= JOB_SERIES
 PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "le", "irate", "increase", "avg", "max",
                 "min", "without", "on", "or", "and", "count"}
 
@@ -96,6 +104,31 @@ def test_dashboard_has_the_panels_issue_5_asks_for():
     assert "scheduler" in exprs
 
 
+def test_dashboard_panels_do_not_overlap():
+    panels = [p for p in dashboard()["panels"]]  # top level: the grid Grafana lays out
+    cells = {}
+    for p in panels:
+        g = p["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = p["title"]
+
+
+def test_dashboard_shows_the_jobs():
+    panels = all_panels(dashboard()["panels"])
+    titles = " | ".join(p["title"].lower() for p in panels)
+    for words in ["jobs by status", "oldest queued job", "claimed", "reclaimed", "webhook deliveries by outcome"]:
+        assert words in titles, f"no panel about {words!r} in: {titles}"
+    exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
+    for metric in JOB_SERIES:
+        assert re.search(rf"\b{metric}\b", exprs), f"no panel reads {metric}"
+    by_status = next(p for p in panels if p["title"].lower() == "jobs by status")
+    assert [t["expr"] for t in by_status["targets"]] == ["max by (status) (diffusion_jobs)"]
+    webhooks = next(p for p in panels if "webhook deliveries" in p["title"].lower())
+    assert any("sum by (outcome)" in t["expr"] for t in webhooks["targets"])
+
+
 def test_dashboard_queries_use_only_the_service_metrics_and_sum_over_replicas():
     for p in all_panels(dashboard()["panels"]):
         for t in p.get("targets", []):
@@ -105,8 +138,12 @@ def test_dashboard_queries_use_only_the_service_metrics_and_sum_over_replicas():
             metrics = {w for w in words if w.startswith("diffusion_") or w == "up"}
             assert metrics, f"no metric in {expr!r}"
             assert metrics <= SERIES, f"unknown series {metrics - SERIES} in {expr!r}"
-            # One line per fleet, not per replica: every query aggregates (or is the per-instance view).
-            assert expr.startswith(("sum", "histogram_quantile(")), expr
+            # One line per fleet, not per replica: every query aggregates (or is the per-instance view);
+            # the job store's gauges, the same on every replica, by max.
+            if metrics & JOB_STORE_GAUGES:
+                assert metrics <= JOB_STORE_GAUGES and expr.startswith("max"), expr
+            else:
+                assert expr.startswith(("sum", "histogram_quantile(")), expr
             if "histogram_quantile(" in expr:
                 assert re.search(r"sum by \((le|le, \w+)\)", expr), f"quantile not summed over replicas: {expr}"
 
@@ -155,6 +192,48 @@ def test_scale_out_pins_one_gpu_per_replica():
     gpus = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in replicas.values()]
     assert len({tuple(g) for g in gpus}) == len(gpus), f"two replicas share a GPU: {gpus}"
     assert services["lb"]["volumes"] == ["./docker/nginx.conf:/etc/nginx/nginx.conf:ro"]
+
+
+def test_single_node_keeps_jobs_in_a_volume():
+    """compose.yaml: jobs in SQLite under DIFFUSION_DATA_DIR, a named volume, so a restart keeps them."""
+    compose = load_yaml(REPO / "compose.yaml")
+    service = compose["services"]["service"]
+    data_dir = service["environment"]["DIFFUSION_DATA_DIR"]
+    assert "DIFFUSION_JOBS_URL" not in service["environment"]  # SQLite
+    (volume,) = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == data_dir]
+    assert volume in compose["volumes"], "a named volume (a bind mount would be root's on a fresh host)"
+    # The image makes the directory and gives it to its user, so Docker copies that ownership into a
+    # new named volume and the service (not root) can write there.
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert re.search(rf"mkdir -p [^\n]*{re.escape(data_dir)}\b", dockerfile)
+    assert re.search(rf"chown app:app [^\n]*{re.escape(data_dir)}\b", dockerfile)
+
+
+def test_scale_out_shares_one_redis_that_keeps_its_data():
+    scale = load_yaml(REPO / "compose.scale.yaml")
+    services = scale["services"]
+    redis = services["redis"]
+    assert re.fullmatch(r"redis:(\d+)(\.\d+)*", redis["image"]) and int(redis["image"][6:].split(".")[0]) >= 7
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    flags = dict(zip(command[1::2], command[2::2]))
+    assert flags["--appendonly"] == "yes" and flags["--maxmemory-policy"] == "noeviction"
+    (volume,) = [v.split(":")[0] for v in redis["volumes"] if v.split(":")[1] == flags["--dir"]]
+    assert volume in scale["volumes"]
+    assert "ports" not in redis, "Redis stays on the compose network"
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    replicas = {name: s for name, s in services.items() if name.startswith("replica-")}
+    assert replicas
+    for name, s in replicas.items():
+        url = s["environment"]["DIFFUSION_JOBS_URL"]
+        assert url == "redis://redis:6379/0", (name, url)
+        assert s["depends_on"]["redis"]["condition"] == "service_healthy", name
+    # nginx stays in front; the job routes are never sent twice once a replica has the request.
+    assert "replica-gpu0" in services["lb"]["depends_on"]
+    nginx = (DOCKER / "nginx.conf").read_text()
+    jobs = re.search(r"location /jobs \{(.*?)\n        \}", nginx, re.S)
+    assert jobs, "no location for /jobs in docker/nginx.conf"
+    assert "non_idempotent" not in jobs.group(1) and "proxy_buffering off" in jobs.group(1)
 
 
 def test_prometheus_discovers_every_replica_by_dns():

@@ -114,7 +114,8 @@ class Replica:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "service", "--host", self.address, "--port", str(self.port),
                  "--checkpoint-dir", str(self.checkpoints), "--device", "cpu", "--max-batch-rows", "8",
-                 "--request-timeout-s", str(REQUEST_TIMEOUT_S), "--shutdown-grace-s", "15"],
+                 "--request-timeout-s", str(REQUEST_TIMEOUT_S), "--shutdown-grace-s", "15",
+                 "--data-dir", str(self.logs / f"{self.name}-data")],  # jobs: one process per data directory
                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120):

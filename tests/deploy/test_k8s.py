@@ -9,6 +9,9 @@
   probe port is the one it listens on; every setting is in the ConfigMap and the ConfigMap is
   valid for ``Settings``; the grace period covers the drain; the image, its user and paths are
   docker/Dockerfile's.
+- Jobs (components/jobs): every serving overlay points the pods at one Redis that keeps its data
+  (append-only file on a volume, no eviction, one writer), and KEDA scales on the service's own
+  job stream, counted the way the service keeps it.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import json
 import re
 import shutil
 import subprocess
+from urllib.parse import urlsplit
 
 import pytest
 
-from tests.deploy.crd_schemas import ADAPTER_RULE, CUSTOM_RESOURCES
+from tests.deploy.crd_schemas import ADAPTER_RULE, CUSTOM_RESOURCES, TRIGGER_METADATA
 from tests.deploy.helpers import REPO, make_checkpoint
 
 yaml = pytest.importorskip("yaml", reason="PyYAML reads the manifests")
@@ -35,6 +39,13 @@ KUBECTL = shutil.which("kubectl")
 DOCKERFILE = (REPO / "docker" / "Dockerfile").read_text()
 ADAPTER_VALUES = K8S / "prometheus-adapter" / "values.yaml"
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "diffusion.json"
+REDIS_STORE = REPO / "service" / "jobs" / "redis_store.py"
+# The job queue the service uses in Redis (issue "jobs that survive"): one stream, one consumer group.
+JOB_STREAM, JOB_GROUP = "diffusion:jobs:queue", "replicas"
+# Settings that come from Secrets, not from the ConfigMap.
+SECRET_SETTINGS = {"DIFFUSION_API_KEYS": ("diffusion-api-keys", False),
+                   "DIFFUSION_ADMIN_KEY": ("diffusion-admin-key", True),
+                   "DIFFUSION_WEBHOOK_SECRET": ("diffusion-webhook-secret", True)}
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not on PATH (it renders the kustomizations)")
 
 
@@ -93,6 +104,9 @@ def test_renders_and_validates_against_the_kubernetes_schemas(path):
             key = (doc["apiVersion"], doc["kind"])
             if key in CUSTOM_RESOURCES:
                 jsonschema.validate(doc, CUSTOM_RESOURCES[key])
+                for trigger in doc["spec"].get("triggers", []):
+                    assert trigger["type"] in TRIGGER_METADATA, f"{where}: add the {trigger['type']} scaler's keys"
+                    jsonschema.validate(trigger["metadata"], TRIGGER_METADATA[trigger["type"]])
                 continue
             try:
                 kv.validate(doc, version, strict=True)
@@ -119,6 +133,8 @@ def test_keda_behaviour_is_a_valid_hpa_behaviour_and_the_same_as_the_hpas():
     keda_targets = {}
     for trigger in scaled["spec"]["triggers"]:
         assert trigger["metricType"] == "AverageValue"
+        if trigger["type"] != "prometheus":
+            continue  # the job stream's trigger: test_keda_scales_on_the_job_stream
         (metric,) = re.findall(r"\b(diffusion_\w+)\{", trigger["metadata"]["query"])
         keda_targets[metric] = float(trigger["metadata"]["threshold"])
     assert keda_targets == hpa_targets
@@ -202,7 +218,8 @@ def test_every_metric_the_autoscalers_and_the_dashboard_read_is_served(app_facts
                 read[f"{path} HPA {name}"] = exposed[name]
         for so in (d for d in docs if d["kind"] == "ScaledObject"):
             for t in so["spec"]["triggers"]:
-                read[f"{path} KEDA {t['name']}"] = metric_names(t["metadata"]["query"])
+                if t["type"] == "prometheus":
+                    read[f"{path} KEDA {t['name']}"] = metric_names(t["metadata"]["query"])
     dashboard = json.loads(DASHBOARD.read_text())
 
     def walk(panels):
@@ -234,7 +251,7 @@ def test_probes_are_the_services_routes_on_its_port(path, app_facts):
     assert app_facts["probes"] == {"/healthz": 200, "/readyz": 200}
     service = one(docs, "Service", "diffusion-serve")
     assert service["spec"]["ports"][0]["targetPort"] in ports
-    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    annotations = one(docs, "Deployment", "diffusion-serve")["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == ports["http"] and annotations["prometheus.io/path"] == "/metrics"
     assert "/metrics" in app_facts["routes"]
     monitor = one(docs, "ServiceMonitor")
@@ -253,13 +270,14 @@ def test_configmap_holds_every_setting_and_is_valid(path):
     docs = render(path)
     config = settings_of(docs)
     fields = {"DIFFUSION_" + name.upper() for name in Settings.model_fields}
-    assert set(config) == fields - {"DIFFUSION_API_KEYS", "DIFFUSION_ADMIN_KEY"}
+    assert set(config) == fields - set(SECRET_SETTINGS), \
+        f"not in the ConfigMap: {fields - set(SECRET_SETTINGS) - set(config)}; not settings: {set(config) - fields}"
+    assert set(SECRET_SETTINGS) <= fields
     container = service_container(docs)
-    (keys,) = [e for e in container["env"] if e["name"] == "DIFFUSION_API_KEYS"]
-    assert keys["valueFrom"]["secretKeyRef"]["name"] == "diffusion-api-keys"
-    (admin,) = [e for e in container["env"] if e["name"] == "DIFFUSION_ADMIN_KEY"]
-    assert admin["valueFrom"]["secretKeyRef"] == {"name": "diffusion-admin-key", "key": "DIFFUSION_ADMIN_KEY",
-                                                  "optional": True}
+    for name, (secret, optional) in SECRET_SETTINGS.items():
+        (env,) = [e for e in container["env"] if e["name"] == name]
+        ref = env["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"], ref.get("optional", False)) == (secret, name, optional), ref
     assert {e["configMapRef"]["name"] for e in container["envFrom"]} == {
         d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap" and "DIFFUSION_PORT" in d.get("data", {})}
     settings = Settings(**{k.removeprefix("DIFFUSION_").lower(): v for k, v in config.items()})
@@ -276,7 +294,7 @@ def test_configmap_holds_every_setting_and_is_valid(path):
 @pytest.mark.parametrize("path", SERVING)
 def test_grace_period_covers_the_drain_and_scale_down_outlasts_startup(path):
     docs = render(path)
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = one(docs, "Deployment", "diffusion-serve")["spec"]["template"]["spec"]
     container = service_container(docs)
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
@@ -291,13 +309,13 @@ def test_grace_period_covers_the_drain_and_scale_down_outlasts_startup(path):
                       for d in docs if d["kind"] == "ScaledObject"]:
         assert behaviour["scaleDown"]["stabilizationWindowSeconds"] >= startup
         assert behaviour["scaleUp"]["stabilizationWindowSeconds"] > 0
-    assert "replicas" not in one(docs, "Deployment")["spec"], "the autoscaler owns the replica count"
+    assert "replicas" not in one(docs, "Deployment", "diffusion-serve")["spec"], "the autoscaler owns the replica count"
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels(docs).items()
 
 
 def pod_labels(docs) -> dict:
-    return one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    return one(docs, "Deployment", "diffusion-serve")["spec"]["template"]["metadata"]["labels"]
 
 
 @needs_kubectl
@@ -307,9 +325,21 @@ def test_pods_run_the_images_as_built_and_hardened(path):
     compose = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
     images = {compose["service"]["image"].split(":")[0], compose["train"]["image"].split(":")[0]}
     uid = int(dockerfile_value(r"^ARG APP_UID=(\d+)"))
-    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "Job")]
-    assert pods
-    for pod in pods:
+    workloads = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "Job")}
+    assert workloads
+    redis = workloads.pop("diffusion-redis", None)
+    assert (redis is not None) == (path in SERVING), "every serving overlay has the jobs' Redis"
+    if redis is not None:  # Redis's own image and user (uid 999, "redis"), hardened the same way
+        security = redis["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] == security["fsGroup"] == 999
+        assert redis["automountServiceAccountToken"] is False
+        for c in redis["containers"]:
+            assert c["image"] == redis_image()
+            s = c["securityContext"]
+            assert s["readOnlyRootFilesystem"] is True and s["allowPrivilegeEscalation"] is False
+            assert s["capabilities"]["drop"] == ["ALL"]
+            assert c["resources"]["requests"] and c["resources"]["limits"]
+    for pod in workloads.values():
         security = pod["securityContext"]
         assert security["runAsNonRoot"] is True and security["runAsUser"] == uid and security["fsGroup"] == uid
         assert pod["automountServiceAccountToken"] is False
@@ -337,6 +367,120 @@ def test_pods_run_the_images_as_built_and_hardened(path):
         assert gpus == (None if path == "overlays/cpu" else 1)
 
 
+# --- jobs: one Redis, and KEDA on its stream -------------------------------------------------------
+
+def redis_image() -> str:
+    """The image compose.scale.yaml runs Redis from; the cluster runs the same one."""
+    m = re.search(r"^  redis:\n(?:    .*\n|\s*\n)*?    image: (\S+)$", (REPO / "compose.scale.yaml").read_text(), re.M)
+    assert m, "no redis service with an image in compose.scale.yaml"
+    return m.group(1)
+
+
+def quantity_bytes(value: str) -> int:
+    """A Kubernetes memory quantity (2Gi, 512Mi, 1G) or a Redis size (1536mb, 2gb: both 1024-based), in bytes."""
+    m = re.fullmatch(r"(\d+)([KMGT]i?|[kmgt]b)?", value)
+    assert m, value
+    number, unit = int(m.group(1)), m.group(2) or ""
+    power = {"k": 1, "m": 2, "g": 3, "t": 4}[unit[0].lower()] if unit else 0
+    base = 1000 if unit in ("K", "M", "G", "T") else 1024
+    return number * base ** power
+
+
+def redis_flags(args: list[str]) -> dict[str, str]:
+    assert args[0] == "redis-server" and len(args) % 2 == 1, args
+    return dict(zip(args[1::2], args[2::2]))
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", SERVING)
+def test_jobs_live_in_one_redis_that_keeps_them(path):
+    docs = render(path)
+    config = settings_of(docs)
+    url = urlsplit(config["DIFFUSION_JOBS_URL"])
+    assert url.scheme == "redis" and url.port and re.fullmatch(r"/\d+", url.path), url
+    # The URL names the Redis Service, which reaches the Redis pod on its port.
+    service, redis = one(docs, "Service", url.hostname), one(docs, "Deployment", url.hostname)
+    pod = redis["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert not service["spec"]["selector"].items() <= pod_labels(docs).items(), "the Service must not pick serving pods"
+    (port,) = service["spec"]["ports"]
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert port["port"] == url.port and ports[port["targetPort"]] == 6379
+    # Redis 7+ (KEDA's lag and XAUTOCLAIM's deleted-entry handling need it), the image compose runs.
+    assert container["image"] == redis_image() and int(re.match(r"redis:(\d+)", container["image"]).group(1)) >= 7
+    # Nothing lost: every write in an append-only file on a persistent volume, replayed at start; no eviction.
+    flags = redis_flags(container.get("command", []) + container["args"])
+    assert flags["--appendonly"] == "yes" and flags["--appendfsync"] in ("always", "everysec")
+    assert flags["--maxmemory-policy"] == "noeviction"
+    (data,) = [m for m in container["volumeMounts"] if m["mountPath"] == flags["--dir"]]
+    assert not data.get("readOnly")
+    volume = {v["name"]: v for v in pod["spec"]["volumes"]}[data["name"]]
+    claim = one(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # Redis refuses writes at maxmemory before the kernel kills it at the limit (room for the rewrite's fork).
+    assert quantity_bytes(flags["--maxmemory"]) <= 0.8 * quantity_bytes(container["resources"]["limits"]["memory"])
+    # One writer of those files: one pod, the old one gone before the new one starts; no autoscaler on it.
+    assert redis["spec"]["replicas"] == 1 and redis["spec"]["strategy"] == {"type": "Recreate"}
+    for scaler in (d for d in docs if d["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")):
+        assert scaler["spec"]["scaleTargetRef"]["name"] == "diffusion-serve"
+    # Ready once it answers PONG (not while replaying the file); alive while it listens.
+    assert "PONG" in " ".join(container["readinessProbe"]["exec"]["command"])
+    assert container["livenessProbe"]["tcpSocket"]["port"] in ports
+    # The serving pods get the URL from the ConfigMap they load, not overridden in the Deployment.
+    assert "DIFFUSION_JOBS_URL" not in {e["name"] for e in service_container(docs)["env"]}
+    # DIFFUSION_DATA_DIR is a writable volume (the root file system is read-only).
+    mounts = [m for m in service_container(docs)["volumeMounts"] if m["mountPath"] == config["DIFFUSION_DATA_DIR"]]
+    assert len(mounts) == 1 and not mounts[0].get("readOnly"), mounts
+
+
+@needs_kubectl
+def test_keda_scales_on_the_job_stream():
+    docs = render("overlays/keda")
+    config = settings_of(docs)
+    (trigger,) = [t for t in one(docs, "ScaledObject")["spec"]["triggers"] if t["type"] == "redis-streams"]
+    meta = trigger["metadata"]
+    assert meta["stream"] == JOB_STREAM and trigger["metricType"] == "AverageValue"
+    # XLEN: the jobs not yet delivered plus those pending (see the next test). KEDA reads XLEN only
+    # without a consumer group; with one it would read XPENDING (running only) or the lag (waiting only).
+    assert not {"consumerGroup", "pendingEntriesCount", "lagCount"} & set(meta), meta
+    assert 0 < int(meta["streamLength"]) <= int(config["DIFFUSION_MAX_BATCH_ROWS"])
+    # KEDA's operator, in a namespace of its own, reaches the Redis the pods use: the same Service by its
+    # cluster name, the same port and database.
+    url = urlsplit(config["DIFFUSION_JOBS_URL"])
+    service = one(docs, "Service", url.hostname)
+    host, port = meta["address"].rsplit(":", 1)
+    namespace = service["metadata"]["namespace"]
+    assert host in (f"{url.hostname}.{namespace}.svc", f"{url.hostname}.{namespace}.svc.cluster.local"), host
+    assert int(port) == url.port == service["spec"]["ports"][0]["port"]
+    assert int(meta.get("databaseIndex", "0")) == int(url.path.strip("/"))
+    for value in meta.values():
+        assert isinstance(value, str)
+
+
+def test_the_job_stream_is_the_services_and_holds_only_work_not_done():
+    """KEDA's streamLength trigger counts XLEN; that is "not yet delivered + pending" only because the service
+    deletes (XDEL) every entry it acknowledges (XACK). If that changes, change the trigger (overlays/keda)."""
+    if not REDIS_STORE.exists():
+        pytest.skip("service/jobs/redis_store.py not written yet")
+    source = REDIS_STORE.read_text()
+    assert re.search(r'^PREFIX = "diffusion:jobs:"$', source, re.M) and 'STREAM = PREFIX + "queue"' in source
+    assert JOB_STREAM == "diffusion:jobs:" + "queue"
+    assert re.search(rf'^GROUP = "{JOB_GROUP}"$', source, re.M)
+    lines = source.splitlines()
+    acks = [i for i, line in enumerate(lines) if "'XACK'" in line or '"XACK"' in line]
+    assert acks
+    for i in acks:  # a Lua script: redis.call('XACK', stream, group, entry) then redis.call('XDEL', stream, entry)
+        entry = re.search(r"XACK'?\"?,\s*([^,]+),\s*[^,]+,\s*([^)]+)\)", lines[i])
+        assert entry, lines[i]
+        stream, which = entry.group(1).strip(), entry.group(2).strip()
+        assert re.search(rf"XDEL'?\"?,\s*{re.escape(stream)},\s*{re.escape(which)}\)", lines[i + 1]), \
+            f"line {i + 1}: acknowledged but not deleted: {lines[i].strip()!r}"
+    for i, line in enumerate(lines):  # the client's own XACK: only for an entry already deleted
+        if ".xack(" in line:
+            assert "not fields" in " ".join(lines[max(0, i - 2):i]), f"line {i + 1}: {line.strip()!r}"
+
+
 @needs_kubectl
 def test_dashboard_configmap_is_the_compose_dashboard():
     for path in ("overlays/gpu", "overlays/cpu"):
@@ -348,8 +492,8 @@ def test_dashboard_configmap_is_the_compose_dashboard():
 @needs_kubectl
 def test_training_writes_where_the_service_reads():
     serving, training = render("overlays/gpu"), render("training")
-    claim = one(serving, "PersistentVolumeClaim")["metadata"]["name"]
-    assert "ReadWriteMany" in one(serving, "PersistentVolumeClaim")["spec"]["accessModes"]
+    claim = one(serving, "PersistentVolumeClaim", "diffusion-shared")["metadata"]["name"]
+    assert "ReadWriteMany" in one(serving, "PersistentVolumeClaim", claim)["spec"]["accessModes"]
     script = one(training, "ConfigMap")["data"]["train.sh"]
     assert script == (K8S / "training" / "train.sh").read_text()
     r = subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True)

@@ -75,7 +75,7 @@ def service(tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-             "--checkpoint-dir", str(checkpoints), "--device", "cpu"],
+             "--checkpoint-dir", str(checkpoints), "--device", "cpu", "--data-dir", str(root / "service-data")],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -203,7 +203,10 @@ def test_prometheus_adapter_rules_give_each_pod_its_value(prometheus, traffic):
 def test_keda_triggers_return_the_fleet_total(prometheus, traffic):
     yaml = pytest.importorskip("yaml")
     triggers = yaml.safe_load(SCALED_OBJECT.read_text())["spec"]["triggers"]
-    assert {t["type"] for t in triggers} == {"prometheus"}
+    # The others read the jobs' Redis stream, not Prometheus (tests/deploy/test_k8s.py checks them).
+    assert {t["type"] for t in triggers} == {"prometheus", "redis-streams"}
+    triggers = [t for t in triggers if t["type"] == "prometheus"]
+    assert len(triggers) == 2
     for trigger in triggers:
         result = instant_query(prometheus["url"], trigger["metadata"]["query"])
         assert len(result) == 1 and float(result[0]["value"][1]) >= 0, (trigger["name"], result)
