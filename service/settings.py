@@ -128,6 +128,8 @@ class Settings(BaseSettings):
         "private, loopback or link-local (everything else public is allowed; those are refused)")
     webhook_timeout_s: float = Field(10.0, gt=0, description="one webhook delivery attempt, at most")
     webhook_attempts: int = Field(5, ge=1, le=20, description="attempts per webhook event (exponential backoff)")
+    webhook_backoff_s: float = Field(1.0, gt=0, description="wait before a webhook's second attempt; doubled for "
+                                     "each further one (with jitter), up to a minute")
 
     # --- access and operations -----------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

@@ -91,7 +91,7 @@ def start_jobs(settings: Settings, engine: Engine, registry: ModelRegistry, metr
 
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
     deliverer = Deliverer(secret, allowlist, timeout_s=settings.webhook_timeout_s, attempts=settings.webhook_attempts,
-                          on_attempt=attempted)
+                          backoff_s=settings.webhook_backoff_s, on_attempt=attempted)
     runner = JobRunner(store, engine, registry, settings, metrics, deliverer, run_jobs=settings.job_workers)
     return JobService(store=store, runner=runner, allowlist=allowlist, metrics=metrics)
 

@@ -238,3 +238,83 @@ def test_metrics_count_jobs(settings):
     assert "diffusion_jobs_submitted_total 1.0" in text
     assert 'diffusion_jobs_finished_total{status="succeeded"} 1.0' in text
     assert 'diffusion_jobs{status="succeeded"} 1.0' in text and "diffusion_jobs_claimed_total 1.0" in text
+
+
+def test_webhooks_are_signed_retried_and_counted(settings):
+    """The receiver checks every signature (standardwebhooks, the reference), answers the completed event
+    500 twice, then 200; the job and the metrics count it."""
+    from tests.service.jobs.test_webhooks import SECRET, Receiver
+
+    receiver = Receiver()
+    receiver.respond = lambda path, n: 500 if n in (1, 2) else 200  # n = 0 is the start event
+
+    async def body(app, client):
+        job = (await client.post("/jobs", json={**BODY, "webhook": receiver.url("/hook"),
+                                                "webhook_events": ["start", "completed"]})).json()
+        done = await finished(client, job["id"])
+        for _ in range(1000):
+            state = (await client.get(f"/jobs/{job['id']}")).json()["webhook"]
+            if state["delivered"] == 2:
+                break
+            await asyncio.sleep(0.01)
+        return done, state, (await client.get("/metrics")).text
+
+    try:
+        done, state, metrics = serve(settings(webhook_secret=SECRET, webhook_allowlist="127.0.0.1",
+                                              webhook_backoff_s=0.05), body)
+    finally:
+        receiver.stop()
+    assert done["status"] == "succeeded"
+    assert state["delivered"] == 2 and state["failed_attempts"] == 2 and state["last_error"] == "HTTP 500"
+    assert state["events"] == ["completed", "start"]
+    import json
+
+    sent = [json.loads(r["body"]) for r in receiver.requests]
+    assert [r["verified"] for r in receiver.requests] == [True] * 4
+    assert [s["type"] for s in sent] == ["job.started"] + ["job.completed"] * 3
+    assert len(set(receiver.ids()[1:])) == 1  # one delivery, retried under one webhook-id
+    assert sent[-1]["data"]["result"]["images"] == done["result"]["images"]
+    assert 'diffusion_webhook_deliveries_total{outcome="delivered"} 2.0' in metrics
+    assert 'diffusion_webhook_deliveries_total{outcome="failed"} 2.0' in metrics
+
+
+def test_redis_down_is_503_and_nothing_is_lost(settings, gate, tmp_path):
+    """While Redis is down: /readyz fails, submissions and reads are 503 (never 500), and a job that
+    finishes meanwhile keeps its result until Redis is back."""
+    from tests.service.jobs.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+
+    async def body(app, client):
+        assert (await client.post("/generate", json=BODY)).status_code == 200  # measured before the gate closes
+        gate.clear()
+        job = (await client.post("/jobs", json=BODY)).json()
+        await until(lambda: app.state.engine.rows_in_flight == 2, "the job running")
+        server.kill()
+        for _ in range(100):
+            ready = await client.get("/readyz")
+            if ready.status_code == 503:
+                break
+            await asyncio.sleep(0.1)
+        submitted = await client.post("/jobs", json=BODY)
+        read = await client.get(f"/jobs/{job['id']}")
+        gate.set()
+        await until(lambda: app.state.engine.rows_in_flight == 0, "the job's rows done")
+        await asyncio.sleep(1.5)  # its result waits in memory
+        server.start()
+        done = await finished(client, job["id"])
+        for _ in range(100):
+            again = await client.get("/readyz")
+            if again.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        return ready, submitted, read, done, again
+
+    try:
+        ready, submitted, read, done, again = serve(settings(jobs_url=server.url), body)
+    finally:
+        server.kill()
+    assert ready.status_code == 503 and again.status_code == 200
+    assert submitted.status_code == read.status_code == 503 and "retry-after" in submitted.headers
+    assert "unreachable" in submitted.json()["detail"]
+    assert done["status"] == "succeeded" and done["attempts"] == 1 and len(done["result"]["images"]) == 2
