@@ -100,7 +100,8 @@ def launch(kind: str, args: tuple, folder: Path, device: str, max_rows: int, log
     if kind == "service":
         cmd = [sys.executable, "-m", "service", "--port", str(port), "--checkpoint-dir", str(folder.parent),
                "--device", device, "--max-batch-rows", str(max_rows), "--max-images", str(min(8, max_rows)),
-               "--max-queue", "4096", "--log-level", "warning"]
+               "--max-queue", "4096", "--log-level", "warning",
+               "--data-dir", str(log.parent / f"{log.stem}-data")]  # side by side: a data directory each
         env = {**SERVICE_ENV, **(env or {})}
     else:
         cmd = [sys.executable, "-m", app, "--folder", str(folder), "--port", str(port), "--device", device]

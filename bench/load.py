@@ -112,7 +112,8 @@ def start_service(checkpoint_dir: Path, device: str, max_rows: int,
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
                              "--checkpoint-dir", str(checkpoint_dir), "--device", device,
-                             "--max-batch-rows", str(max_rows), "--compile", compile, "--log-level", "warning"],
+                             "--max-batch-rows", str(max_rows), "--compile", compile, "--log-level", "warning",
+                             "--data-dir", tempfile.mkdtemp(prefix="bench-service-data-")],
                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(2400):  # compiling every bucket can take minutes

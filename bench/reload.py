@@ -80,7 +80,8 @@ class Service:
         env = {**os.environ, "DIFFUSION_REQUEST_TIMEOUT_S": "600"}
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(self.port), "--checkpoint-dir",
                                       str(directory), "--device", device, "--default-model", "a",
-                                      "--log-level", "warning", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      "--log-level", "warning", "--data-dir", str(log.parent / f"{log.stem}-data"),
+                                      *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=open(log, "w"), env=env)
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 600:
