@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import secrets
 import time
 from datetime import datetime, timezone
@@ -116,6 +117,21 @@ async def check_webhook(body: JobRequest, settings: Settings, allowlist) -> dict
     return {"url": body.webhook, "events": sorted(set(body.webhook_events or ["completed"]))}
 
 
+def lane_of(body: JobRequest, card, settings: Settings) -> str:
+    """"short" when the job needs at most ``short_request_evaluations`` model evaluations per image
+    (the engine's latency-sensitive requests; an edit's plan is its strength's share), else "long"."""
+    steps = body.steps if body.steps is not None else (card.default_steps if card is not None else None)
+    scheduler = body.scheduler or (card.default_scheduler if card is not None else None)
+    if steps is None or scheduler is None:
+        return "long"
+    evaluations = {"heun": 2 * steps - 1, "pndm": steps + 9}.get(scheduler, steps)
+    if body.image is not None:
+        evaluations = math.ceil(evaluations * (body.strength or settings.variation_strength))
+    if body.jump_n_sample and body.jump_n_sample > 1:
+        return "long"
+    return "short" if evaluations <= settings.short_request_evaluations else "long"
+
+
 @router.post("/jobs", status_code=202, response_model=JobStatus, dependencies=[Depends(require_key)],
              responses=JOB_ERRORS)
 async def create_job(body: JobRequest, request: Request, response: Response, settings: SettingsDep,
@@ -151,7 +167,7 @@ async def create_job(body: JobRequest, request: Request, response: Response, set
         stored["bulk"] = True  # a job waits for room; it has no deadline unless it names one
     record = JobRecord(id=new_id(), owner=owner_of(request, settings), status="queued", request=stored, model=name,
                        body_hash=body_hash(body), idempotency_key=key, webhook=hook, created_at=time.time(),
-                       rows=body.num_images)
+                       rows=body.num_images, lane=lane_of(body, registry.card(name), settings))
     try:
         record, created = await jobs.store.run("create", record, settings.max_jobs_queued)
     except IdempotencyConflict as e:

@@ -240,11 +240,16 @@ class Engine:
         less the rows in flight and the rows waiting. Pulling job runners claim by it."""
         with self._cv:
             waiting = sum(j.rows for j in self._waiting)
+        return max(0, self.capacity() - self.rows_in_flight - waiting)
+
+    def capacity(self) -> int:
+        """The image rows :meth:`free_rows` counts from: ``max_rows``, or the smallest knee among the
+        batches that run."""
         cap = self.max_rows
         for key, batch in list(self.batches.items()):
             if batch.rows:
                 cap = min(cap, max(1, self.costs.knee(key, 2 * self.max_rows) // 2))
-        return max(0, cap - self.rows_in_flight - waiting)
+        return cap
 
     @property
     def queue_depth(self) -> int:

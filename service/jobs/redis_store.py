@@ -3,12 +3,14 @@
 Why a Stream with a consumer group: it is Redis's own at-least-once queue. ``XREADGROUP`` hands an
 entry to one replica and keeps it in the group's pending list until that replica acknowledges it;
 ``XAUTOCLAIM`` gives entries whose replica stopped touching them (idle longer than the visibility
-timeout) to another; KEDA's ``redis-streams`` scaler reads the same group's lag and pending counts.
+timeout) to another. An entry is deleted once its job ends, so a stream's length is its jobs waiting
+plus running: what KEDA's ``redis-streams`` scaler reads (``streamLength``).
 A replica asks for entries only while its engine has free rows, so work spreads by capacity.
 
 Keys (prefix ``diffusion:jobs:``): ``job:{id}`` a hash (the record; JSON fields as strings),
-``events:{id}`` a list (event k is sequence number k), ``queue`` the stream (group ``replicas``),
-``queued`` a sorted set in submission order (positions, the queue limit, the oldest age),
+``events:{id}`` a list (event k is sequence number k), ``queue`` and ``queue:short`` the streams of
+the two lanes (group ``replicas``; short jobs are claimed first, into rows kept for them), ``queued``
+and ``queued:short`` sorted sets in claiming order (positions, the queue limit, the oldest age),
 ``owner:{owner}`` and ``finished`` sorted sets (listing, purging), ``idem:{owner}:{key}`` → id,
 ``counts`` a hash of jobs by status. Every state change is one Lua script, so it is atomic with its
 event and its counts: a job's terminal result is written once whatever races it.
@@ -25,16 +27,29 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.jobs.store import (STATUSES, TERMINAL, TERMINAL_EVENT, Event, IdempotencyConflict, JobRecord, JobStore,
+from service.jobs.store import (LANES, STATUSES, TERMINAL, TERMINAL_EVENT, Event, IdempotencyConflict, JobRecord, JobStore,
                                 QueueLimit, StoreUnavailable, dumps, loads)
 
 PREFIX = "diffusion:jobs:"
-STREAM = PREFIX + "queue"
+STREAMS = {"long": PREFIX + "queue", "short": PREFIX + "queue:short"}  # one per lane (see JobRecord.lane)
+SUFFIX = {"long": "", "short": ":short"}
 GROUP = "replicas"
 
-_CREATE = """
+_LANE = """
+local function lane_of(P, id)
+  if redis.call('HGET', P..'job:'..id, 'lane') == 'short' then return ':short' end
+  return ''
+end
+local function position(P, id, sfx)
+  local ahead = redis.call('ZRANK', P..'queued'..sfx, id)
+  if ahead and sfx == '' then ahead = ahead + redis.call('ZCARD', P..'queued:short') end
+  return ahead
+end
+"""
+
+_CREATE = _LANE + """
 local P, id = ARGV[1], ARGV[2]
-local queued = redis.call('ZCARD', P..'queued')
+local queued = redis.call('ZCARD', P..'queued') + redis.call('ZCARD', P..'queued:short')
 if queued >= tonumber(ARGV[3]) then return {'full', queued} end
 if ARGV[4] ~= '' then
   if not redis.call('SET', ARGV[4], id, 'NX') then return {'retry', 0} end
@@ -42,22 +57,25 @@ end
 local seq = redis.call('INCR', P..'seq')
 local k = P..'job:'..id
 redis.call('HSET', k, unpack(ARGV, 6))
-local entry = redis.call('XADD', P..'queue', '*', 'id', id)
+local sfx = lane_of(P, id)
+local entry = redis.call('XADD', P..'queue'..sfx, '*', 'id', id)
 redis.call('HSET', k, 'entry', entry, 'seq', seq)
-redis.call('ZADD', P..'queued', seq, id)
+redis.call('ZADD', P..'queued'..sfx, seq, id)
 redis.call('ZADD', P..'owner:'..ARGV[5], seq, id)
 redis.call('HINCRBY', P..'counts', 'queued', 1)
-redis.call('RPUSH', P..'events:'..id, cjson.encode({e='queued', d={position=queued}}))
-return {'created', queued}
+local ahead = position(P, id, sfx)
+redis.call('RPUSH', P..'events:'..id, cjson.encode({e='queued', d={position=ahead}}))
+return {'created', ahead}
 """
 
-_CLAIM = """
+_CLAIM = _LANE + """
 local P, id, worker, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local k = P..'job:'..id
 local st = redis.call('HGET', k, 'status')
+local stream = P..'queue'..ARGV[6]
 local function drop()
-  redis.call('XACK', P..'queue', 'replicas', entry)
-  redis.call('XDEL', P..'queue', entry)
+  redis.call('XACK', stream, 'replicas', entry)
+  redis.call('XDEL', stream, entry)
   return 0
 end
 if not st or redis.call('HGET', k, 'entry') ~= entry then return drop() end
@@ -65,7 +83,7 @@ if st == 'queued' then
   redis.call('HSET', k, 'status', 'running', 'worker', worker)
   redis.call('HINCRBY', k, 'attempts', 1)
   redis.call('HSETNX', k, 'started_at', ARGV[5])
-  redis.call('ZREM', P..'queued', id)
+  redis.call('ZREM', P..'queued'..ARGV[6], id)
   redis.call('HINCRBY', P..'counts', 'queued', -1)
   redis.call('HINCRBY', P..'counts', 'running', 1)
   return 1
@@ -78,35 +96,37 @@ end
 return drop()
 """
 
-_FINISH = """
+_FINISH = _LANE + """
 local P, id, status = ARGV[1], ARGV[2], ARGV[3]
 local k = P..'job:'..id
 local st = redis.call('HGET', k, 'status')
 if st ~= 'queued' and st ~= 'running' then return 0 end
+local sfx = lane_of(P, id)
 redis.call('HSET', k, 'status', status, 'result', ARGV[4], 'error', ARGV[5], 'finished_at', ARGV[6], 'worker', '')
 redis.call('HINCRBY', P..'counts', st, -1)
 redis.call('HINCRBY', P..'counts', status, 1)
-redis.call('ZREM', P..'queued', id)
+redis.call('ZREM', P..'queued'..sfx, id)
 local entry = redis.call('HGET', k, 'entry')
 if entry then
-  redis.call('XACK', P..'queue', 'replicas', entry)
-  redis.call('XDEL', P..'queue', entry)
+  redis.call('XACK', P..'queue'..sfx, 'replicas', entry)
+  redis.call('XDEL', P..'queue'..sfx, entry)
 end
 redis.call('RPUSH', P..'events:'..id, ARGV[7])
 redis.call('ZADD', P..'finished', ARGV[6], id)
 return 1
 """
 
-_RELEASE = """
+_RELEASE = _LANE + """
 local P, id, worker = ARGV[1], ARGV[2], ARGV[3]
 local k = P..'job:'..id
 if redis.call('HGET', k, 'status') ~= 'running' or redis.call('HGET', k, 'worker') ~= worker then return 0 end
+local sfx = lane_of(P, id)
 local old = redis.call('HGET', k, 'entry')
-redis.call('XACK', P..'queue', 'replicas', old)
-redis.call('XDEL', P..'queue', old)
-local entry = redis.call('XADD', P..'queue', '*', 'id', id)
+redis.call('XACK', P..'queue'..sfx, 'replicas', old)
+redis.call('XDEL', P..'queue'..sfx, old)
+local entry = redis.call('XADD', P..'queue'..sfx, '*', 'id', id)
 redis.call('HSET', k, 'status', 'queued', 'worker', '', 'entry', entry, 'progress', '')
-redis.call('ZADD', P..'queued', redis.call('INCR', P..'seq'), id)  -- at the stream's end: claimed in that order
+redis.call('ZADD', P..'queued'..sfx, redis.call('INCR', P..'seq'), id)  -- at the stream's end: claimed in that order
 redis.call('HINCRBY', P..'counts', 'running', -1)
 redis.call('HINCRBY', P..'counts', 'queued', 1)
 redis.call('RPUSH', P..'events:'..id, cjson.encode({e='requeued', d={reason=ARGV[4]}}))
@@ -175,7 +195,7 @@ class RedisStore(JobStore):
     def __init__(self, url: str, prefix: str = PREFIX):
         super().__init__()
         self.prefix = prefix
-        self.stream = prefix + "queue"
+        self.streams = {lane: prefix + "queue" + SUFFIX[lane] for lane in LANES}
         self.r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, decode_responses=True,
                                       health_check_interval=10)
         self._scripts = {name: self.r.register_script(src) for name, src in [
@@ -190,11 +210,12 @@ class RedisStore(JobStore):
     def _ensure_group(self) -> None:
         if self._group_ready:
             return
-        try:
-            self.r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        for stream in self.streams.values():
+            try:
+                self.r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
         self._group_ready = True
 
     def close(self) -> None:
@@ -219,7 +240,7 @@ class RedisStore(JobStore):
             progress=loads(h.get("progress") or None), result=loads(h.get("result") or None),
             error=loads(h.get("error") or None), cancel_requested=h.get("cancel") == "1",
             deliveries=int(h.get("deliveries", 0)), delivery_failures=int(h.get("delivery_failures", 0)),
-            delivery_error=h.get("delivery_error") or None, rows=int(h.get("rows", 1)))
+            delivery_error=h.get("delivery_error") or None, rows=int(h.get("rows", 1)), lane=h.get("lane", "long"))
 
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
@@ -232,7 +253,7 @@ class RedisStore(JobStore):
         fields = {"id": record.id, "owner": record.owner, "status": "queued", "model": record.model,
                   "request": dumps(record.request), "body_hash": record.body_hash,
                   "idem": record.idempotency_key or "", "webhook": dumps(record.webhook) or "",
-                  "rows": record.rows, "created_at": repr(record.created_at), "attempts": 0,
+                  "rows": record.rows, "lane": record.lane, "created_at": repr(record.created_at), "attempts": 0,
                   "deliveries": 0, "delivery_failures": 0, "last_event": 1}
         flat = [str(x) for kv in fields.items() for x in kv]
         for _ in range(5):
@@ -260,7 +281,10 @@ class RedisStore(JobStore):
             return None
         record = self._record(h)
         if record.status == "queued":
-            record.position = self.r.zrank(self.prefix + "queued", job_id)
+            ahead = self.r.zrank(self.prefix + "queued" + SUFFIX[record.lane], job_id)
+            if ahead is not None and record.lane == "long":
+                ahead += self.r.zcard(self.prefix + "queued:short")
+            record.position = ahead
         return record
 
     @_available
@@ -293,19 +317,19 @@ class RedisStore(JobStore):
         return page[:limit], (page[limit - 1].id if len(page) > limit else None)
 
     @_available
-    def claim(self, worker: str, limit: int, visibility_s: float) -> list[JobRecord]:
+    def claim(self, worker: str, limit: int, visibility_s: float, lane: str = "long") -> list[JobRecord]:
         self._ensure_group()
-        got = self.r.xreadgroup(GROUP, worker, {self.stream: ">"}, count=limit)
-        return self._take(worker, [e for _, entries in got or [] for e in entries], reclaim=False)
+        got = self.r.xreadgroup(GROUP, worker, {self.streams[lane]: ">"}, count=limit)
+        return self._take(worker, [e for _, entries in got or [] for e in entries], lane)
 
-    def _take(self, worker: str, entries, reclaim: bool) -> list[JobRecord]:
+    def _take(self, worker: str, entries, lane: str) -> list[JobRecord]:
         records = []
         for entry, fields in entries:
             if not fields:  # deleted while pending
-                self.r.xack(self.stream, GROUP, entry)
+                self.r.xack(self.streams[lane], GROUP, entry)
                 continue
             job_id = fields["id"]
-            taken = self._script("claim", job_id, worker, entry, repr(time.time()))
+            taken = self._script("claim", job_id, worker, entry, repr(time.time()), SUFFIX[lane])
             if taken:
                 record = self.get(job_id)
                 if record is not None:
@@ -318,15 +342,16 @@ class RedisStore(JobStore):
             return {}
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hmget(self._key(job_id), "status", "worker", "entry", "cancel")
+            pipe.hmget(self._key(job_id), "status", "worker", "entry", "cancel", "lane")
         mine = {}
-        entries = []
-        for job_id, (status, owner, entry, cancel) in zip(job_ids, pipe.execute()):
+        entries: dict[str, list[str]] = {lane: [] for lane in LANES}
+        for job_id, (status, owner, entry, cancel, lane) in zip(job_ids, pipe.execute()):
             if status == "running" and owner == worker:
                 mine[job_id] = cancel == "1"
-                entries.append(entry)
-        if entries:  # touching the pending entries resets their idle time: no one reclaims them
-            self.r.xclaim(self.stream, GROUP, worker, 0, entries, justid=True)
+                entries[lane or "long"].append(entry)
+        for lane, ids in entries.items():  # touching the pending entries resets their idle time: no one reclaims them
+            if ids:
+                self.r.xclaim(self.streams[lane], GROUP, worker, 0, ids, justid=True)
         return mine
 
     @_available
@@ -334,8 +359,14 @@ class RedisStore(JobStore):
         self._ensure_group()
         if limit <= 0:
             return []
-        _, entries, *_ = self.r.xautoclaim(self.stream, GROUP, worker, int(visibility_s * 1000), "0-0", count=limit)
-        return self._take(worker, entries, reclaim=True)
+        records: list[JobRecord] = []
+        for lane in LANES:
+            if len(records) >= limit:
+                break
+            _, entries, *_ = self.r.xautoclaim(self.streams[lane], GROUP, worker, int(visibility_s * 1000), "0-0",
+                                               count=limit - len(records))
+            records += self._take(worker, entries, lane)
+        return records
 
     @_available
     def release(self, job_id: str, worker: str) -> bool:
@@ -390,9 +421,10 @@ class RedisStore(JobStore):
     def counts(self) -> tuple[dict[str, int], float]:
         raw = self.r.hgetall(self.prefix + "counts")
         by = {s: max(0, int(raw.get(s, 0))) for s in STATUSES}
-        first = self.r.zrange(self.prefix + "queued", 0, 0)
         age = 0.0
-        if first:
-            created = self.r.hget(self._key(first[0]), "created_at")
-            age = max(0.0, time.time() - float(created)) if created else 0.0
+        for lane in LANES:
+            first = self.r.zrange(self.prefix + "queued" + SUFFIX[lane], 0, 0)
+            created = self.r.hget(self._key(first[0]), "created_at") if first else None
+            if created:
+                age = max(age, time.time() - float(created))
         return by, age

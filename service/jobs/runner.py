@@ -3,7 +3,9 @@ request would run (the same preparation, lease, engine and events), and writes i
 
 Capacity is the engine's (:meth:`Engine.free_rows`: the cost model's knee less the rows in flight
 and waiting), so a replica with a long batch running takes no more work and an idle one takes it:
-work spreads by capacity, not round-robin. Jobs run as bulk work (no deadline, yielding to
+work spreads by capacity, not round-robin. Jobs come in two lanes, as the engine's own admission
+sees requests: short ones (at most ``short_request_evaluations`` per image) are claimed first and
+into the rows the engine reserves for them; long ones only beyond that reserve. Jobs run as bulk work (no deadline, yielding to
 requests that have one) unless their body gives ``timeout_s``.
 
 Faults: every claim is a lease renewed each third of ``visibility_timeout_s`` (with the cancel
@@ -76,6 +78,7 @@ class JobRunner:
         self.worker = worker or worker_name()
         self.run_jobs = run_jobs
         self.visibility_s = settings.visibility_timeout_s
+        self.reserve_rows = settings.policy().reserve_rows
         self._running: dict[str, _Running] = {}
         self._preparing_rows = 0  # claimed, not yet in the engine's queue
         self._wake = asyncio.Event()
@@ -173,8 +176,16 @@ class JobRunner:
                 self._start(record)  # Redis: taken over from a dead replica; SQLite: queued again
 
     async def _claim(self) -> None:
-        while not self.stopping and self.free_rows() > 0:
-            got = await self.store.run("claim", self.worker, 1, self.visibility_s)
+        """Short jobs while any row is free; long ones while more rows are free than the engine keeps
+        for latency-sensitive work (its reserve), as the engine admits its own queue."""
+        while not self.stopping:
+            free = self.free_rows()
+            reserve = min(self.reserve_rows, self.engine.capacity() // 2)
+            got = []
+            if free > 0:
+                got = await self.store.run("claim", self.worker, 1, self.visibility_s, "short")
+            if not got and free > reserve:
+                got = await self.store.run("claim", self.worker, 1, self.visibility_s, "long")
             if not got:
                 return
             for record in got:

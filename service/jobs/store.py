@@ -38,6 +38,7 @@ from pathlib import Path
 import asyncio
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+LANES = ("short", "long")  # claimed in this order
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 TERMINAL_EVENT = {"succeeded": "done", "failed": "error", "cancelled": "cancelled"}
 
@@ -81,6 +82,7 @@ class JobRecord:
     delivery_failures: int = 0  # failed attempts
     delivery_error: str | None = None  # the last failure
     rows: int = 1  # images: what a worker's capacity is charged
+    lane: str = "long"  # "short": latency-sensitive (few evaluations), claimed first and into reserved rows
     position: int | None = None  # queued: jobs ahead (filled in by get)
 
     @property
@@ -136,8 +138,8 @@ class JobStore:
         """An owner's jobs, newest first, after the cursor ``before``; (page, next cursor or None)."""
         raise NotImplementedError
 
-    def claim(self, worker: str, limit: int, visibility_s: float) -> list[JobRecord]:
-        """Up to ``limit`` queued jobs, oldest first, now running on ``worker`` for ``visibility_s``."""
+    def claim(self, worker: str, limit: int, visibility_s: float, lane: str = "long") -> list[JobRecord]:
+        """Up to ``limit`` queued jobs of ``lane``, oldest first, now running on ``worker`` for ``visibility_s``."""
         raise NotImplementedError
 
     def extend(self, worker: str, job_ids: list[str], visibility_s: float) -> dict[str, bool]:
@@ -210,6 +212,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     idem TEXT,
     webhook TEXT,
     rows INTEGER NOT NULL,
+    lane TEXT NOT NULL,
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
@@ -226,7 +229,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_event INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, lane, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
@@ -348,7 +351,8 @@ class SqliteStore(JobStore):
             finished_at=row["finished_at"], attempts=row["attempts"], worker=row["worker"],
             progress=loads(row["progress"]), result=loads(row["result"]), error=loads(row["error"]),
             cancel_requested=bool(row["cancel"]), deliveries=row["deliveries"],
-            delivery_failures=row["delivery_failures"], delivery_error=row["delivery_error"], rows=row["rows"])
+            delivery_failures=row["delivery_failures"], delivery_error=row["delivery_error"], rows=row["rows"],
+            lane=row["lane"])
 
     def _event(self, c, job_id: str, event: str, data: dict) -> int:
         seq = c.execute("UPDATE jobs SET last_event = last_event + 1 WHERE id = ? RETURNING last_event",
@@ -377,13 +381,24 @@ class SqliteStore(JobStore):
             queued = c.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
             if queued >= max_queued:
                 raise QueueLimit(queued)
-            c.execute("INSERT INTO jobs (id, owner, status, model, request, body_hash, idem, webhook, rows, "
-                      "created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+            c.execute("INSERT INTO jobs (id, owner, status, model, request, body_hash, idem, webhook, rows, lane, "
+                      "created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                       (record.id, record.owner, record.model, dumps(record.request), record.body_hash,
-                       record.idempotency_key, dumps(record.webhook), record.rows, record.created_at))
-            self._event(c, record.id, "queued", {"position": queued})
-        record.position = queued
+                       record.idempotency_key, dumps(record.webhook), record.rows, record.lane, record.created_at))
+            record.position = self._position(c, record.id, record.lane)
+            self._event(c, record.id, "queued", {"position": record.position})
         return record, True
+
+    @staticmethod
+    def _position(c, job_id: str, lane: str) -> int:
+        """Queued jobs claimed before this one: those ahead in its lane, and a long job has every short
+        one ahead of it."""
+        seq = c.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+        ahead = c.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND lane = ? AND seq < ?",
+                          (lane, seq)).fetchone()[0]
+        if lane == "long":
+            ahead += c.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND lane = 'short'").fetchone()[0]
+        return ahead
 
     def get(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         return self._run(self._get, job_id, owner)
@@ -394,8 +409,7 @@ class SqliteStore(JobStore):
             return None
         record = self._record(row)
         if record.status == "queued":
-            record.position = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq < ?",
-                                               (row["seq"],)).fetchone()[0]
+            record.position = self._position(self._db, job_id, record.lane)
         return record
 
     def list(self, owner: str, status: str | None = None, limit: int = 20,
@@ -415,16 +429,16 @@ class SqliteStore(JobStore):
         page = [self._record(r) for r in rows[:limit]]
         return page, (page[-1].id if len(rows) > limit else None)
 
-    def claim(self, worker: str, limit: int, visibility_s: float) -> list[JobRecord]:
-        return self._run(self._claim, worker, limit, visibility_s)
+    def claim(self, worker: str, limit: int, visibility_s: float, lane: str = "long") -> list[JobRecord]:
+        return self._run(self._claim, worker, limit, visibility_s, lane)
 
-    def _claim(self, worker, limit, visibility_s):
+    def _claim(self, worker, limit, visibility_s, lane):
         now = time.time()
         with self._tx() as c:
             rows = c.execute("UPDATE jobs SET status = 'running', worker = ?, lease_until = ?, "
                              "attempts = attempts + 1, started_at = COALESCE(started_at, ?) WHERE seq IN "
-                             "(SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT ?) RETURNING *",
-                             (worker, now + visibility_s, now, limit)).fetchall()
+                             "(SELECT seq FROM jobs WHERE status = 'queued' AND lane = ? ORDER BY seq LIMIT ?) "
+                             "RETURNING *", (worker, now + visibility_s, now, lane, limit)).fetchall()
         return sorted((self._record(r) for r in rows), key=lambda r: r.created_at)
 
     def extend(self, worker: str, job_ids: list[str], visibility_s: float) -> dict[str, bool]:

@@ -40,8 +40,9 @@ DOCKERFILE = (REPO / "docker" / "Dockerfile").read_text()
 ADAPTER_VALUES = K8S / "prometheus-adapter" / "values.yaml"
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "diffusion.json"
 REDIS_STORE = REPO / "service" / "jobs" / "redis_store.py"
-# The job queue the service uses in Redis (issue "jobs that survive"): one stream, one consumer group.
-JOB_STREAM, JOB_GROUP = "diffusion:jobs:queue", "replicas"
+# The job queues the service uses in Redis (issue "jobs that survive"): a stream per lane (long, short),
+# one consumer group.
+JOB_STREAMS, JOB_GROUP = ("diffusion:jobs:queue", "diffusion:jobs:queue:short"), "replicas"
 # Settings that come from Secrets, not from the ConfigMap.
 SECRET_SETTINGS = {"DIFFUSION_API_KEYS": ("diffusion-api-keys", False),
                    "DIFFUSION_ADMIN_KEY": ("diffusion-admin-key", True),
@@ -438,9 +439,15 @@ def test_jobs_live_in_one_redis_that_keeps_them(path):
 def test_keda_scales_on_the_job_stream():
     docs = render("overlays/keda")
     config = settings_of(docs)
-    (trigger,) = [t for t in one(docs, "ScaledObject")["spec"]["triggers"] if t["type"] == "redis-streams"]
+    triggers = [t for t in one(docs, "ScaledObject")["spec"]["triggers"] if t["type"] == "redis-streams"]
+    assert sorted(t["metadata"]["stream"] for t in triggers) == sorted(JOB_STREAMS)
+    for trigger in triggers:
+        check_stream_trigger(docs, config, trigger)
+
+
+def check_stream_trigger(docs, config, trigger):
     meta = trigger["metadata"]
-    assert meta["stream"] == JOB_STREAM and trigger["metricType"] == "AverageValue"
+    assert trigger["metricType"] == "AverageValue"
     # XLEN: the jobs not yet delivered plus those pending (see the next test). KEDA reads XLEN only
     # without a consumer group; with one it would read XPENDING (running only) or the lag (waiting only).
     assert not {"consumerGroup", "pendingEntriesCount", "lagCount"} & set(meta), meta
@@ -464,8 +471,9 @@ def test_the_job_stream_is_the_services_and_holds_only_work_not_done():
     if not REDIS_STORE.exists():
         pytest.skip("service/jobs/redis_store.py not written yet")
     source = REDIS_STORE.read_text()
-    assert re.search(r'^PREFIX = "diffusion:jobs:"$', source, re.M) and 'STREAM = PREFIX + "queue"' in source
-    assert JOB_STREAM == "diffusion:jobs:" + "queue"
+    assert re.search(r'^PREFIX = "diffusion:jobs:"$', source, re.M)
+    assert 'STREAMS = {"long": PREFIX + "queue", "short": PREFIX + "queue:short"}' in source
+    assert JOB_STREAMS == ("diffusion:jobs:" + "queue", "diffusion:jobs:" + "queue:short")
     assert re.search(rf'^GROUP = "{JOB_GROUP}"$', source, re.M)
     lines = source.splitlines()
     acks = [i for i, line in enumerate(lines) if "'XACK'" in line or '"XACK"' in line]

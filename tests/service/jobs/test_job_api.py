@@ -318,3 +318,37 @@ def test_redis_down_is_503_and_nothing_is_lost(settings, gate, tmp_path):
     assert submitted.status_code == read.status_code == 503 and "retry-after" in submitted.headers
     assert "unreachable" in submitted.json()["detail"]
     assert done["status"] == "succeeded" and done["attempts"] == 1 and len(done["result"]["images"]) == 2
+
+
+def test_short_jobs_are_claimed_into_the_reserved_rows(settings, gate):
+    """Long jobs fill the engine up to the rows it keeps for latency-sensitive work (max_batch_rows 8:
+    one); a long job then waits in the store while a short one is claimed."""
+    async def claimed(client, job):
+        for _ in range(2000):
+            if (await client.get(f"/jobs/{job['id']}")).json()["status"] == "running":
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("never claimed")
+
+    async def body(app, client):
+        gate.clear()  # the engine stops inside its first iteration: what it holds stays in flight or waiting
+        store = app.state.jobs.store
+        long_ = {**BODY, "steps": 40}
+        a = (await client.post("/jobs", json={**long_, "num_images": 4})).json()
+        b = (await client.post("/jobs", json={**long_, "num_images": 3})).json()
+        await claimed(client, a)
+        await claimed(client, b)
+        await until(lambda: app.state.engine.free_rows() == 1, "the long jobs in the engine")
+        c = (await client.post("/jobs", json={**long_, "num_images": 1})).json()
+        s = (await client.post("/jobs", json={**BODY, "steps": 10, "num_images": 1})).json()
+        await claimed(client, s)
+        await asyncio.sleep(0.5)  # the runner has looked at the queue again meanwhile
+        states = [(await store.run("get", j["id"])) for j in (a, b, c, s)]
+        gate.set()
+        done = [await finished(client, j["id"]) for j in (a, b, c, s)]
+        return states, done
+
+    states, done = serve(settings(max_batch_rows=8, max_images=4, cpu_threads="1"), body)
+    assert [r.lane for r in states] == ["long", "long", "long", "short"]
+    assert [r.status for r in states] == ["running", "running", "queued", "running"]
+    assert [d["status"] for d in done] == ["succeeded"] * 4

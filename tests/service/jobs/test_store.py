@@ -49,9 +49,9 @@ def opened(kind, tmp_path):
         server.kill()
 
 
-def record(owner="o", key=None, body="b", rows=1) -> JobRecord:
+def record(owner="o", key=None, body="b", rows=1, lane="long") -> JobRecord:
     return JobRecord(id=new_id(), owner=owner, status="queued", request={"prompt": body, "seed": 1}, model="m",
-                     body_hash=body, idempotency_key=key, created_at=time.time(), rows=rows)
+                     body_hash=body, idempotency_key=key, created_at=time.time(), rows=rows, lane=lane)
 
 
 def test_one_terminal_result_whatever_races_it(opened):
@@ -201,3 +201,16 @@ def test_redis_down_is_unavailable_and_a_restarted_redis_lost_nothing(tmp_path):
     finally:
         store.close()
         server.kill()
+
+
+def test_short_jobs_have_a_lane_of_their_own(opened):
+    store = opened()
+    long1, _ = store.create(record(), 10)
+    short1, _ = store.create(record(lane="short"), 10)
+    long2, _ = store.create(record(), 10)
+    short2, _ = store.create(record(lane="short"), 10)
+    assert [store.get(j.id).position for j in (short1, short2, long1, long2)] == [0, 1, 2, 3]
+    assert [r.id for r in store.claim("w", 5, 30, "short")] == [short1.id, short2.id]
+    assert store.get(long2.id).position == 1
+    assert [r.id for r in store.claim("w", 5, 30, "long")] == [long1.id, long2.id]
+    assert store.claim("w", 5, 30, "short") == [] and store.counts()[0]["running"] == 4
