@@ -35,7 +35,7 @@ from service.settings import Settings
 
 router = APIRouter(tags=["jobs"])
 
-EVENTS_POLL_S = 0.2  # how often a follower looks for new events
+EVENTS_POLL_S = 0.2  # how often a follower looks for new events of a job another replica runs
 JOB_ERRORS = {**ERRORS, 404: {"model": ErrorResponse, "description": "Unknown job (or another key's), or unknown model"},
               409: {"model": ErrorResponse, "description": "The job has finished: nothing to cancel"},
               429: {"model": ErrorResponse, "description": "The job queue is full (max_jobs_queued); see Retry-After"},
@@ -269,28 +269,31 @@ async def job_events(job_id: str, request: Request, settings: SettingsDep,
 async def _follow(request: Request, record: JobRecord, after: int):
     jobs = request.app.state.jobs
     quiet = time.monotonic()
-    while True:
-        try:
-            events = await jobs.store.run("events", record.id, after)
-        except StoreUnavailable:
-            events = []
-        for ev in events:
-            after = ev.seq
-            data = ev.data
-            if ev.event == "done":
-                done = await jobs.store.run("get", record.id)
-                data = done.result if done is not None else {}
-            yield f"id: {ev.seq}\nevent: {ev.event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-            if ev.event in ("done", "error", "cancelled"):
+    with jobs.runner.watch(record.id) as stored:
+        while True:
+            stored.clear()
+            try:
+                events = await jobs.store.run("events", record.id, after)
+            except StoreUnavailable:
+                events = []
+            for ev in events:
+                after = ev.seq
+                data = ev.data
+                if ev.event == "done":
+                    done = await jobs.store.run("get", record.id)
+                    data = done.result if done is not None else {}
+                yield f"id: {ev.seq}\nevent: {ev.event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+                if ev.event in ("done", "error", "cancelled"):
+                    return
+            if events:
+                quiet = time.monotonic()
+                continue
+            if await request.is_disconnected():
                 return
-        if events:
-            quiet = time.monotonic()
-            continue
-        if await request.is_disconnected():
-            return
-        if time.monotonic() - quiet >= HEARTBEAT_S:
-            quiet = time.monotonic()
-            yield KEEP_ALIVE
-        await asyncio.sleep(EVENTS_POLL_S)
-
-
+            if time.monotonic() - quiet >= HEARTBEAT_S:
+                quiet = time.monotonic()
+                yield KEEP_ALIVE
+            try:  # at once for a job running here; another replica's: the next poll
+                await asyncio.wait_for(stored.wait(), EVENTS_POLL_S)
+            except asyncio.TimeoutError:
+                pass

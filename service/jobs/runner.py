@@ -17,6 +17,7 @@ tasks (:class:`service.jobs.webhooks.Deliverer`) and never hold the engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import os
@@ -87,6 +88,27 @@ class JobRunner:
         self.stopping = False
         self.healthy = True
         self._last_webhook_progress: dict[str, float] = {}
+        self._watchers: dict[str, set[asyncio.Event]] = {}  # job id -> event followers waiting here
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str):
+        """An asyncio.Event set whenever this replica stores an event of ``job_id`` (clear it, read the
+        store, then wait on it: nothing stored in between is missed). A job another replica runs is
+        seen by polling."""
+        event = asyncio.Event()
+        self._watchers.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            watchers = self._watchers.get(job_id)
+            if watchers is not None:
+                watchers.discard(event)
+                if not watchers:
+                    del self._watchers[job_id]
+
+    def _notify(self, job_id: str) -> None:
+        for event in self._watchers.get(job_id, ()):
+            event.set()
 
     # --- life -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -325,7 +347,8 @@ class JobRunner:
         try:
             await self.store.run("append", r.record.id, event, data, progress)
         except StoreUnavailable:
-            pass  # progress is not worth waiting for; the result is
+            return  # progress is not worth waiting for; the result is
+        self._notify(r.record.id)
 
     async def _after(self, r: _Running, end: Finished | Failed) -> None:
         if r.released:
@@ -367,6 +390,7 @@ class JobRunner:
                 if self.stopping:
                     return
                 await asyncio.sleep(1.0)
+        self._notify(r.record.id)
         if not written:
             return  # it already had its result (a cancel, another replica's run)
         self.metrics.jobs_finished.labels(status).inc()

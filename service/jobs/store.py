@@ -299,7 +299,7 @@ class SqliteStore(JobStore):
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True, timeout=30)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(_SCHEMA)
         self._db = db
