@@ -58,10 +58,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            """SIGTERM / SIGINT: the job runner claims nothing more and job event streams end (their
+            clients resume elsewhere with Last-Event-ID) while uvicorn waits for connections to close."""
+            jobs = getattr(app.state, "jobs", None)
+            if jobs is not None:
+                jobs.runner.draining = True
+            super().handle_exit(sig, frame)
+
     # uvicorn waits this long for open connections, then cancels them. Never None: that would wait
     # forever (a grace of 0 or 0.5 used to mean that); 0 cancels at once, fractions round up.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s))
+    Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                          timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s))).run()
     return 0
 
 

@@ -288,8 +288,8 @@ async def _follow(request: Request, record: JobRecord, after: int):
             if events:
                 quiet = time.monotonic()
                 continue
-            if await request.is_disconnected():
-                return
+            if jobs.runner.draining or await request.is_disconnected():
+                return  # shutting down: the client resumes with Last-Event-ID (another replica, or after the restart)
             if time.monotonic() - quiet >= HEARTBEAT_S:
                 quiet = time.monotonic()
                 yield KEEP_ALIVE

@@ -86,6 +86,7 @@ class JobRunner:
         self._task: asyncio.Task | None = None
         self._backoff_until = 0.0
         self.stopping = False
+        self.draining = False  # the process was told to stop: claim nothing more (set from a signal handler)
         self.healthy = True
         self._last_webhook_progress: dict[str, float] = {}
         self._watchers: dict[str, set[asyncio.Event]] = {}  # job id -> event followers waiting here
@@ -123,7 +124,7 @@ class JobRunner:
 
     async def stop(self, grace_s: float) -> None:
         """Drain: claim nothing more; let running jobs finish within ``grace_s``; give the rest back."""
-        self.stopping = True
+        self.stopping = self.draining = True
         self._wake.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
@@ -167,7 +168,7 @@ class JobRunner:
                     if purged:
                         log.info({"event": "jobs_purged", "count": purged})
                     purge = now + PURGE_S
-                if self.run_jobs and now >= self._backoff_until:
+                if self.run_jobs and not self.draining and now >= self._backoff_until:
                     if now >= reclaim:
                         await self._reclaim()
                         reclaim = now + min(self.visibility_s / 2, 5.0)
@@ -200,7 +201,7 @@ class JobRunner:
     async def _claim(self) -> None:
         """Short jobs while any row is free; long ones while more rows are free than the engine keeps
         for latency-sensitive work (its reserve), as the engine admits its own queue."""
-        while not self.stopping:
+        while not (self.stopping or self.draining):
             free = self.free_rows()
             reserve = min(self.reserve_rows, self.engine.capacity() // 2)
             got = []

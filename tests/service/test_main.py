@@ -14,9 +14,28 @@ def test_shutdown_grace_bounds_uvicorn_wait(tmp_path, monkeypatch, grace, expect
 
     make_checkpoint(tmp_path)
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.update(
+        timeout_graceful_shutdown=self.config.timeout_graceful_shutdown, server=self))
     assert main(["--checkpoint-dir", str(tmp_path), "--device", "cpu", "--shutdown-grace-s", grace]) == 0
     assert seen["timeout_graceful_shutdown"] == expected
+
+
+def test_a_stop_signal_stops_the_job_runner_claiming_at_once(tmp_path, monkeypatch):
+    """SIGTERM: jobs are claimed no more while uvicorn waits for connections (before the app's shutdown)."""
+    import signal
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    make_checkpoint(tmp_path)
+    seen = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.update(server=self))
+    assert main(["--checkpoint-dir", str(tmp_path), "--device", "cpu"]) == 0
+    server = seen["server"]
+    runner = SimpleNamespace(draining=False)
+    server.config.app.state.jobs = SimpleNamespace(runner=runner)
+    server.handle_exit(signal.SIGTERM, None)
+    assert runner.draining and server.should_exit
 
 
 def test_no_checkpoints_is_exit_2(tmp_path, capsys):
