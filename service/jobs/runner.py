@@ -42,7 +42,7 @@ from service.settings import Settings
 log = logging.getLogger("service.jobs")
 
 POLL_S = 0.25  # how often the queue is looked at when nothing wakes the runner
-PROGRESS_S = 0.25  # progress events are stored at most this often per job (and always the last)
+PROGRESS_S = 0.5  # progress events are stored at most this often per job (and always the last)
 WEBHOOK_PROGRESS_S = 2.0  # progress webhooks, at most this often per job
 GAUGES_S = 2.0
 PURGE_S = 60.0
@@ -202,8 +202,11 @@ class JobRunner:
         """Short jobs while any row is free; long ones while more rows are free than the engine keeps
         for latency-sensitive work (its reserve), as the engine admits its own queue."""
         while not (self.stopping or self.draining):
-            free = self.free_rows()
-            reserve = min(self.reserve_rows, self.engine.capacity() // 2)
+            capacity = self.engine.capacity()
+            # A prefetch of an eighth of the capacity keeps the next job waiting in the engine's own
+            # queue, so rows a finished job frees are taken at the next iteration, not after a claim.
+            free = self.free_rows() + max(1, capacity // 8)
+            reserve = min(self.reserve_rows, capacity // 2)
             got = []
             if free > 0:
                 got = await self.store.run("claim", self.worker, 1, self.visibility_s, "short")
