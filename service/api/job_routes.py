@@ -110,7 +110,11 @@ async def check_webhook(body: JobRequest, settings: Settings, allowlist) -> dict
         return None
     try:
         check_syntax(body.webhook)
-        await resolve_checked(body.webhook, allowlist)
+        await asyncio.wait_for(resolve_checked(body.webhook, allowlist), settings.webhook_timeout_s)
+    except asyncio.TimeoutError:
+        raise HTTPException(422, [{"field": "webhook", "msg": "its host could not be resolved in "
+                                   f"{settings.webhook_timeout_s:g} s", "type": "value_error",
+                                   "loc": ["body", "webhook"]}]) from None
     except WebhookRefused as e:
         raise HTTPException(422, [{"field": "webhook", "msg": str(e), "type": "value_error",
                                    "loc": ["body", "webhook"]}]) from None
@@ -157,7 +161,7 @@ async def create_job(body: JobRequest, request: Request, response: Response, set
         except TooLarge as e:
             raise HTTPException(413, [{"field": e.field, "msg": str(e), "type": "too_large",
                                        "loc": ["body", e.field]}]) from None
-        except UnknownModel as e:
+        except (UnknownModel, KeyError) as e:  # (KeyError: taken out of service meanwhile)
             raise HTTPException(404, str(e)) from None
     stored = body.model_dump(mode="json", exclude_unset=True, exclude={"webhook", "webhook_events", "stream"})
     stored["model"] = name
@@ -221,12 +225,16 @@ async def list_jobs(request: Request, settings: SettingsDep, status: JobStatusNa
 
 async def _cancel(job_id: str, request: Request, settings: Settings) -> JobStatus:
     jobs = get_jobs(request)
+    owner = owner_of(request, settings)
     try:
-        record = await jobs.store.run("request_cancel", job_id, owner_of(request, settings))
+        before = await jobs.store.run("get", job_id, owner)
+        record = await jobs.store.run("request_cancel", job_id, owner) if before is not None else None
     except StoreUnavailable as e:
         raise unavailable(e) from None
     if record is None:
         raise HTTPException(404, f"no job {job_id!r}")
+    if before.status == "queued" and record.status == "cancelled":
+        jobs.runner.cancelled(record)  # no runner saw it: its webhook and metrics from here
     if record.status == "running":
         jobs.runner.cancel_local(job_id)  # here: at once; elsewhere: at that replica's next heartbeat
     elif record.status in ("succeeded", "failed"):
@@ -260,8 +268,10 @@ async def job_events(job_id: str, request: Request, settings: SettingsDep,
     record = await _get(request, settings, job_id)
     try:
         after = max(0, int(last_event_id)) if last_event_id not in (None, "") else 0
+        if after >= 2**53:
+            raise ValueError
     except ValueError:
-        raise HTTPException(422, [{"field": "Last-Event-ID", "msg": "must be an event id (an integer)",
+        raise HTTPException(422, [{"field": "Last-Event-ID", "msg": "must be an event id (an integer below 2**53)",
                                    "type": "value_error", "loc": ["header", "Last-Event-ID"]}]) from None
     return EventStream(_follow(request, record, after))
 
@@ -274,13 +284,13 @@ async def _follow(request: Request, record: JobRecord, after: int):
             stored.clear()
             try:
                 events = await jobs.store.run("events", record.id, after)
-            except StoreUnavailable:
+                done = await jobs.store.run("get", record.id) if any(e.event == "done" for e in events) else None
+            except StoreUnavailable:  # the stream goes on; the client's next reconnect resumes it anyway
                 events = []
             for ev in events:
                 after = ev.seq
                 data = ev.data
                 if ev.event == "done":
-                    done = await jobs.store.run("get", record.id)
                     data = done.result if done is not None else {}
                 yield f"id: {ev.seq}\nevent: {ev.event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
                 if ev.event in ("done", "error", "cancelled"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 
 import redis
@@ -29,6 +30,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.jobs.store import (LANES, STATUSES, TERMINAL, TERMINAL_EVENT, Event, IdempotencyConflict, JobRecord, JobStore,
                                 QueueLimit, StoreUnavailable, dumps, loads)
+
+log = logging.getLogger("service.jobs")
 
 PREFIX = "diffusion:jobs:"
 STREAMS = {"long": PREFIX + "queue", "short": PREFIX + "queue:short"}  # one per lane (see JobRecord.lane)
@@ -164,6 +167,11 @@ redis.call('DEL', k, P..'events:'..id)
 return 1
 """
 
+_FORGET = """
+if redis.call('GET', ARGV[2]) == ARGV[3] then redis.call('DEL', ARGV[2]) end
+return 1
+"""
+
 _DELIVERED = """
 local P, id = ARGV[1], ARGV[2]
 local k = P..'job:'..id
@@ -181,7 +189,8 @@ def _available(method):
         try:
             return method(self, *args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError, OSError) as e:
-            raise StoreUnavailable(f"the job store (Redis) is unreachable: {e}") from None
+            log.warning({"event": "job_store_error", "error": str(e)})  # the address stays in the log
+            raise StoreUnavailable("the job store (Redis) is unreachable") from None
     return wrapper
 
 
@@ -200,7 +209,8 @@ class RedisStore(JobStore):
                                       health_check_interval=10)
         self._scripts = {name: self.r.register_script(src) for name, src in [
             ("create", _CREATE), ("claim", _CLAIM), ("finish", _FINISH), ("release", _RELEASE),
-            ("append", _APPEND), ("cancel", _CANCEL), ("purge", _PURGE), ("delivered", _DELIVERED)]}
+            ("append", _APPEND), ("cancel", _CANCEL), ("purge", _PURGE), ("delivered", _DELIVERED),
+            ("forget", _FORGET)]}
         self._group_ready = False
         self.recovered = 0
 
@@ -265,7 +275,7 @@ class RedisStore(JobStore):
                         if found.body_hash != record.body_hash:
                             raise IdempotencyConflict(existing)
                         return found, False
-                    self.r.delete(idem)  # its job was purged: the key is free again
+                    self._script("forget", idem, existing)  # its job was purged: the key is free again
             outcome, queued = self._script("create", record.id, max_queued, idem, record.owner, *flat)
             if outcome == "full":
                 raise QueueLimit(int(queued))
@@ -304,22 +314,39 @@ class RedisStore(JobStore):
                 break
             pipe = self.r.pipeline(transaction=False)
             for job_id, _ in ids:
-                pipe.hgetall(self._key(job_id))
-            for (job_id, score), h in zip(ids, pipe.execute()):
+                pipe.hget(self._key(job_id), "status")
+            wanted = []
+            for (job_id, score), st in zip(ids, pipe.execute()):
                 top = f"({int(score)}"
-                if not h:
+                if st is None:
                     self.r.zrem(key, job_id)  # purged
                     continue
-                if status is None or h["status"] == status:
-                    page.append(self._record(h))
-                    if len(page) > limit:
+                if status is None or st == status:
+                    wanted.append(job_id)
+                    if len(page) + len(wanted) > limit:
                         break
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in wanted:  # the whole record (results included) only for the page
+                pipe.hgetall(self._key(job_id))
+            page += [self._record(h) for h in pipe.execute() if h]
         return page[:limit], (page[limit - 1].id if len(page) > limit else None)
+
+    def _grouped(self, call):
+        """``call()``, with the consumer groups made again if Redis lost them (restarted empty)."""
+        self._ensure_group()
+        try:
+            return call()
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            log.warning({"event": "job_groups_recreated"})
+            self._group_ready = False
+            self._ensure_group()
+            return call()
 
     @_available
     def claim(self, worker: str, limit: int, visibility_s: float, lane: str = "long") -> list[JobRecord]:
-        self._ensure_group()
-        got = self.r.xreadgroup(GROUP, worker, {self.streams[lane]: ">"}, count=limit)
+        got = self._grouped(lambda: self.r.xreadgroup(GROUP, worker, {self.streams[lane]: ">"}, count=limit))
         return self._take(worker, [e for _, entries in got or [] for e in entries], lane)
 
     def _take(self, worker: str, entries, lane: str) -> list[JobRecord]:
@@ -361,11 +388,13 @@ class RedisStore(JobStore):
             return []
         records: list[JobRecord] = []
         for lane in LANES:
-            if len(records) >= limit:
-                break
-            _, entries, *_ = self.r.xautoclaim(self.streams[lane], GROUP, worker, int(visibility_s * 1000), "0-0",
-                                               count=limit - len(records))
-            records += self._take(worker, entries, lane)
+            cursor = "0-0"
+            while len(records) < limit:  # XAUTOCLAIM looks at 10 × count entries per call: follow its cursor
+                cursor, entries, *_ = self._grouped(lambda: self.r.xautoclaim(
+                    self.streams[lane], GROUP, worker, int(visibility_s * 1000), cursor, count=limit - len(records)))
+                records += self._take(worker, entries, lane)
+                if cursor in ("0-0", b"0-0"):
+                    break
         return records
 
     @_available
@@ -407,15 +436,15 @@ class RedisStore(JobStore):
         self._script("delivered", job_id, "1" if ok else "0", detail or "")
 
     @_available
-    def purge(self, older_than_s: float, now: float | None = None) -> int:
+    def purge(self, older_than_s: float, now: float | None = None, limit: int = 500) -> int:
+        """At most ``limit`` jobs a call (the runner calls it again a minute later): a day's backlog
+        expiring at once does not hold the runner's heartbeats."""
         cutoff = (time.time() if now is None else now) - older_than_s
-        n = 0
-        while True:
-            ids = self.r.zrangebyscore(self.prefix + "finished", "-inf", cutoff, start=0, num=500)
-            if not ids:
-                return n
-            for job_id in ids:
-                n += int(self._script("purge", job_id))
+        ids = self.r.zrangebyscore(self.prefix + "finished", "-inf", cutoff, start=0, num=limit)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            self._scripts["purge"](keys=[], args=[self.prefix, job_id], client=pipe)
+        return sum(int(x) for x in pipe.execute()) if ids else 0
 
     @_available
     def counts(self) -> tuple[dict[str, int], float]:

@@ -42,6 +42,7 @@ from service.settings import Settings
 log = logging.getLogger("service.jobs")
 
 POLL_S = 0.25  # how often the queue is looked at when nothing wakes the runner
+MAX_ATTEMPTS = 20  # claims of one job that found no room (or a replica that died) before it fails
 PROGRESS_S = 0.5  # progress events are stored at most this often per job (and always the last)
 WEBHOOK_PROGRESS_S = 2.0  # progress webhooks, at most this often per job
 GAUGES_S = 2.0
@@ -128,18 +129,22 @@ class JobRunner:
         self._wake.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
-        tasks = [r.task for r in self._running.values() if r.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace_s)
+        end = time.monotonic() + grace_s
+        while True:  # running jobs finish within the grace, their leases renewed meanwhile
+            tasks = [r.task for r in self._running.values() if r.task is not None and not r.task.done()]
+            left_s = end - time.monotonic()
+            if not tasks or left_s <= 0:
+                break
+            await asyncio.wait(tasks, timeout=min(left_s, self.visibility_s / 3))
+            try:
+                await self._heartbeat()
+            except StoreUnavailable:
+                pass
         left = list(self._running.values())
         for r in left:
-            r.released = True
             if r.job is not None:
                 self.engine.cancel(r.job)
-            try:
-                await self.store.run("release", r.record.id, self.worker)
-            except StoreUnavailable:
-                pass  # its lease lapses and another replica (or the restart) takes it
+            await self._release(r)  # (store down: its lease lapses and another replica, or the restart, takes it)
         if left:
             log.info({"event": "jobs_released", "count": len(left)})
             await asyncio.wait([r.task for r in left if r.task is not None], timeout=5)
@@ -218,6 +223,8 @@ class JobRunner:
                 self._start(record)
 
     def _start(self, record: JobRecord) -> None:
+        if record.id in self._running:  # already running here (taken back from ourselves): keep that run
+            return
         self.metrics.jobs_claimed.inc()
         running = _Running(record)
         self._running[record.id] = running
@@ -279,15 +286,18 @@ class JobRunner:
                 buffer = EventBuffer(asyncio.get_running_loop(), self.settings.preview_buffer, prepared.previews)
                 r.job = job = submit(self.engine, spec, buffer.listener, lease)
             except HTTPException as e:
-                if e.status_code in (429, 503) and not self.stopping:  # no room now: back in line
-                    retry = float((e.headers or {}).get("Retry-After", 1))
-                    self._backoff_until = time.monotonic() + min(retry, 5.0)
-                    r.released = True
-                    await self.store.run("release", record.id, self.worker)
+                retry = (e.headers or {}).get("Retry-After")
+                # No room now (queue full, a model loading, the engine closing): back in line, unless it
+                # has been given back too often. A 503 without Retry-After (a model that failed to load)
+                # would fail the same way again: it is the job's result.
+                if e.status_code in (429, 503) and retry is not None and record.attempts < MAX_ATTEMPTS:
+                    if not self.stopping:
+                        self._backoff_until = time.monotonic() + min(float(retry), 5.0)
+                    await self._release(r)
                     return
                 await self._finish(r, "failed", error={"status": e.status_code, "detail": e.detail})
                 return
-            except UnknownModel as e:
+            except (UnknownModel, KeyError) as e:  # (KeyError: taken out of service during preparation)
                 await self._finish(r, "failed", error={"status": 404, "detail": str(e)})
                 return
             except FieldErrors as e:
@@ -306,7 +316,8 @@ class JobRunner:
             await self._finish(r, "failed", error={"status": 500, "detail": f"job failed: {type(e).__name__}"})
         finally:
             self._preparing_rows -= prepared_rows
-            self._running.pop(record.id, None)
+            if self._running.get(record.id) is r:
+                del self._running[record.id]
             self._last_webhook_progress.pop(record.id, None)
             self._wake.set()  # room again
 
@@ -362,11 +373,7 @@ class JobRunner:
         elif isinstance(end, Finished):
             await self._finish(r, "succeeded", result=await self._answer(r, end))
         elif end.status == 503 and self.stopping:  # the engine closed under it: another run will finish it
-            r.released = True
-            try:
-                await self.store.run("release", r.record.id, self.worker)
-            except StoreUnavailable:
-                pass
+            await self._release(r)
         else:
             await self._finish(r, "failed", error={"status": end.status, "detail": end.message})
 
@@ -383,9 +390,19 @@ class JobRunner:
             timings=Timings(queued_s=result.queued_s, generating_s=result.generating_s,
                             total_s=max(0.0, time.time() - started))).model_dump(mode="json")
 
+    async def _release(self, r: _Running) -> None:
+        """Give the job back to the queue; with the store down, its lease lapses and it is taken back."""
+        r.released = True
+        try:
+            await self.store.run("release", r.record.id, self.worker)
+        except StoreUnavailable:
+            pass
+
     async def _finish(self, r: _Running, status: str, result: dict | None = None, error: dict | None = None) -> None:
         """Write the terminal result; while the store is down, keep it and retry (a drain gives up:
-        the job is still claimed, and runs again elsewhere)."""
+        the job is still claimed, and runs again elsewhere). Nothing for a job given back."""
+        if r.released:
+            return
         while True:
             try:
                 written = await self.store.run("finish", r.record.id, status, result, error)
@@ -407,6 +424,12 @@ class JobRunner:
         self._webhook(r.record, "completed", data)
 
     # --- webhooks ---------------------------------------------------------------------------------
+    def cancelled(self, record: JobRecord) -> None:
+        """A queued job the routes cancelled (no runner saw it): its completed webhook."""
+        self.metrics.jobs_finished.labels("cancelled").inc()
+        self._notify(record.id)
+        self._webhook(record, "completed", {"id": record.id, "status": "cancelled", "error": record.error})
+
     def _webhook(self, record: JobRecord, event: str, data: dict) -> None:
         hook = record.webhook
         if self.deliverer is None or not hook or event not in hook.get("events", ()):

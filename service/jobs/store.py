@@ -174,8 +174,8 @@ class JobStore:
         """Count a webhook attempt in the job."""
         raise NotImplementedError
 
-    def purge(self, older_than_s: float, now: float | None = None) -> int:
-        """Delete terminal jobs finished more than ``older_than_s`` ago; how many."""
+    def purge(self, older_than_s: float, now: float | None = None, limit: int = 500) -> int:
+        """Delete at most ``limit`` terminal jobs finished more than ``older_than_s`` ago; how many."""
         raise NotImplementedError
 
     def counts(self) -> tuple[dict[str, int], float]:
@@ -243,8 +243,9 @@ CREATE TABLE IF NOT EXISTS events (
 
 
 class SqliteStore(JobStore):
-    """Jobs in one SQLite file (WAL: readers never wait for the writer; ``synchronous=FULL``: a
-    committed job survives a power cut, not only a crash). One connection, used by the store's one
+    """Jobs in one SQLite file (WAL: readers never wait for the writer; ``synchronous=NORMAL``: a
+    committed job survives a crash of the process, SIGKILL included; a power cut may lose the last
+    transactions). One connection, used by the store's one
     thread, so every method is a serialised transaction. The data directory is locked for the
     process's life (``flock``, released by the kernel when the process dies, SIGKILL included)."""
 
@@ -331,7 +332,14 @@ class SqliteStore(JobStore):
             return self.db
 
         def __exit__(self, kind, value, tb):
-            self.db.execute("ROLLBACK" if kind else "COMMIT")
+            if kind is not None:
+                self.db.execute("ROLLBACK")
+                return
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:  # (a full disk): never leave the transaction open for the next one
+                self.db.execute("ROLLBACK")
+                raise
 
     def _tx(self):
         return self._Tx(self._db)
@@ -536,14 +544,14 @@ class SqliteStore(JobStore):
                 c.execute("UPDATE jobs SET delivery_failures = delivery_failures + 1, delivery_error = ? "
                           "WHERE id = ?", (detail, job_id))
 
-    def purge(self, older_than_s: float, now: float | None = None) -> int:
-        return self._run(self._purge, older_than_s, now)
+    def purge(self, older_than_s: float, now: float | None = None, limit: int = 500) -> int:
+        return self._run(self._purge, older_than_s, now, limit)
 
-    def _purge(self, older_than_s, now):
+    def _purge(self, older_than_s, now, limit):
         cutoff = (time.time() if now is None else now) - older_than_s
         with self._tx() as c:
-            ids = [r[0] for r in c.execute("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?",
-                                           (cutoff,)).fetchall()]
+            ids = [r[0] for r in c.execute("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? "
+                                           "LIMIT ?", (cutoff, limit)).fetchall()]
             for job_id in ids:
                 c.execute("DELETE FROM events WHERE job = ?", (job_id,))
                 c.execute("DELETE FROM jobs WHERE id = ?", (job_id,))

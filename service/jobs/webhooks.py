@@ -313,7 +313,9 @@ class Deliverer:
 
     Each job's deliveries run one after another in the order sent (its `completed` never overtakes its
     `start`); different jobs run concurrently. At most `max_pending` deliveries are outstanding (waiting or
-    in flight), so a slow receiver costs bounded memory. Every attempt resolves and checks the host again and
+    in flight), so a slow receiver costs bounded memory. Progress is best effort: one attempt, at most one
+    waiting per job (newer ones are dropped meanwhile, unreported), and only while the deliverer is at
+    most half full, so a hanging receiver's progress cannot crowd out anyone's `start` or `completed`. Every attempt resolves and checks the host again and
     connects to the checked address, with `timeout_s` for the whole attempt. A 2xx is success; anything else
     is retried after backoff_s * 2**k (capped at max_backoff_s, with jitter), `attempts` tries in all,
     except a refused address, which is final. `on_attempt(job_id, event, attempt, ok, final, detail)` is
@@ -337,6 +339,7 @@ class Deliverer:
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._tails: dict[str, asyncio.Task[None]] = {}  # each job's last delivery
+        self._progress: set[str] = set()  # jobs with a progress delivery waiting or in flight
         self._closed = False
 
     @property
@@ -352,7 +355,10 @@ class Deliverer:
                 return self._not_sent(job_id, event, "the webhook deliverer is closed")
             if event not in EVENTS:
                 return self._not_sent(job_id, event, f"unknown webhook event {event!r}")
-            if len(self._tasks) >= self.max_pending:
+            if event == "progress":  # best effort: one waiting per job, a newer one is dropped meanwhile
+                if job_id in self._progress or len(self._tasks) >= self.max_pending // 2:
+                    return False
+            elif len(self._tasks) >= self.max_pending:
                 return self._not_sent(job_id, event, f"more than {self.max_pending} webhook deliveries pending")
             check_syntax(url)
             delivery = _Delivery(job_id, event, url, payload(event, data), f"{job_id}.{event}.{seq}")
@@ -364,6 +370,8 @@ class Deliverer:
             return self._not_sent(job_id, event, f"not scheduled: {type(e).__name__}: {e}")
         self._tasks.add(task)
         self._tails[job_id] = task
+        if event == "progress":
+            self._progress.add(job_id)
         task.add_done_callback(lambda t: self._done(delivery, t))
         return True
 
@@ -388,6 +396,8 @@ class Deliverer:
 
     def _done(self, delivery: _Delivery, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if delivery.event == "progress":
+            self._progress.discard(delivery.job_id)
         if self._tails.get(delivery.job_id) is task:
             del self._tails[delivery.job_id]
         if task.cancelled():
@@ -419,10 +429,11 @@ class Deliverer:
     async def _deliver(self, delivery: _Delivery, after: asyncio.Task[None] | None) -> None:
         if after is not None:
             await asyncio.wait({after})  # keeps the job's order; never raises for `after`'s outcome
-        for attempt in range(1, self.attempts + 1):
+        attempts = 1 if delivery.event == "progress" else self.attempts  # progress is stale by a retry
+        for attempt in range(1, attempts + 1):
             delivery.attempt = attempt
             ok, retry, detail = await self._attempt(delivery.url, delivery.body, delivery.msg_id)
-            final = ok or not retry or attempt == self.attempts
+            final = ok or not retry or attempt == attempts
             self._report(delivery, ok, final, detail)
             if final:
                 return

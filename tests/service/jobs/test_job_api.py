@@ -353,3 +353,29 @@ def test_short_jobs_are_claimed_into_the_reserved_rows(settings, gate):
     assert [r.lane for r in states] == ["long", "long", "long", "short"]
     assert [r.status for r in states] == ["running", "running", "queued", "running"]
     assert [d["status"] for d in done] == ["succeeded"] * 4
+
+
+def test_a_queued_job_cancelled_gets_its_completed_webhook_and_odd_event_ids_are_refused(settings):
+    from tests.service.jobs.test_webhooks import SECRET, Receiver
+
+    receiver = Receiver()
+
+    async def body(app, client):
+        job = (await client.post("/jobs", json={**BODY, "webhook": receiver.url("/hook")})).json()
+        await client.delete(f"/jobs/{job['id']}")
+        for _ in range(500):
+            if receiver.requests:
+                break
+            await asyncio.sleep(0.01)
+        huge = await client.get(f"/jobs/{job['id']}/events", headers={"Last-Event-ID": "9" * 20})
+        return huge
+
+    try:
+        huge = serve(settings(job_workers=False, webhook_secret=SECRET, webhook_allowlist="127.0.0.1"), body)
+    finally:
+        receiver.stop()
+    import json
+
+    (sent,) = [json.loads(r["body"]) for r in receiver.requests]
+    assert sent["type"] == "job.completed" and sent["data"]["status"] == "cancelled"
+    assert huge.status_code == 422 and huge.json()["detail"][0]["field"] == "Last-Event-ID"

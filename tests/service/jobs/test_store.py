@@ -214,3 +214,33 @@ def test_short_jobs_have_a_lane_of_their_own(opened):
     assert store.get(long2.id).position == 1
     assert [r.id for r in store.claim("w", 5, 30, "long")] == [long1.id, long2.id]
     assert store.claim("w", 5, 30, "short") == [] and store.counts()[0]["running"] == 4
+
+
+def test_a_dead_workers_jobs_are_found_behind_many_live_ones(opened, kind):
+    """XAUTOCLAIM scans ten entries per job asked for: the taker follows its cursor past the live claims."""
+    store = opened()
+    live = [store.create(record(), 100)[0] for _ in range(20)]
+    dead = [store.create(record(), 100)[0] for _ in range(10)]
+    store.claim("live", 20, 0.3)
+    store.claim("dead", 10, 0.3)
+    time.sleep(0.4)
+    assert len(store.extend("live", [j.id for j in live], 30)) == 20
+    taken = store.reclaim("taker", 0.3, 1)
+    assert len(taken) == 1 and taken[0].id in {j.id for j in dead}
+
+
+def test_redis_restarted_empty_gets_its_consumer_groups_back(tmp_path):
+    from service.jobs.redis_store import RedisStore
+
+    server = RedisServer(tmp_path / "redis").start()
+    store = RedisStore(server.url)
+    try:
+        store.create(record(), 10)
+        assert len(store.claim("w", 1, 30)) == 1
+        store.r.flushall()  # a Redis that came back without its data
+        job, _ = store.create(record(), 10)
+        assert [r.id for r in store.claim("w", 1, 30)] == [job.id]
+        assert store.reclaim("w", 30, 5) == []
+    finally:
+        store.close()
+        server.kill()

@@ -524,3 +524,26 @@ def test_https_pinned_to_address_still_verifies_the_name(tmp_path, monkeypatch):
     assert sorted(names) == ["hooks.test", "other.test"]
     assert [r["headers"]["host"] for r in receiver.requests] == [f"hooks.test:{port}"]
     assert receiver.requests[0]["verified"] is True
+
+
+def test_progress_is_best_effort_and_never_crowds_out_completed(receiver):
+    """A hanging receiver: one progress delivery per job waits (newer ones are dropped, unreported), and
+    however many jobs report progress, another job's completed is still scheduled."""
+    receiver.hang = True
+    calls: list[tuple] = []
+
+    async def main():
+        d = Deliverer(SECRET, LOCAL, timeout_s=0.3, max_pending=8, on_attempt=lambda *a: calls.append(a))
+        first = d.send("slow", receiver.url("/p"), "progress", {"done": 1}, 1)
+        dropped = [d.send("slow", receiver.url("/p"), "progress", {"done": k}, k) for k in range(2, 10)]
+        others = [d.send(f"job-{k}", receiver.url("/p"), "progress", {"done": 1}, 1) for k in range(10)]
+        completed = d.send("other", receiver.url("/c"), "completed", {"status": "succeeded"}, 1)
+        pending = d.pending
+        await d.close(5)
+        return first, dropped, others, completed, pending
+
+    first, dropped, others, completed, pending = asyncio.run(main())
+    assert first and not any(dropped) and completed
+    assert sum(others) == 3 and pending == 5  # progress only while the deliverer is at most half full
+    progress = [c for c in calls if c[1] == "progress"]
+    assert all(c[2] == 1 and c[4] for c in progress)  # one attempt each, final
