@@ -228,10 +228,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     delivery_error TEXT,
     last_event INTEGER NOT NULL DEFAULT 0
 );
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, lane, seq);
-CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     job TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -239,6 +235,13 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL,
     PRIMARY KEY (job, seq)
 ) WITHOUT ROWID;
+"""
+
+_INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, lane, seq);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
 """
 
 
@@ -303,6 +306,10 @@ class SqliteStore(JobStore):
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        if "lane" not in columns:  # a file from before lanes
+            db.execute("ALTER TABLE jobs ADD COLUMN lane TEXT NOT NULL DEFAULT 'long'")
+        db.executescript(_INDEXES)
         self._db = db
         if not recover:
             return 0

@@ -28,15 +28,19 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 # are fuzzed with invalid input too; the others take no body, only GET /v1/models/{model} has a
 # parameter (any string is valid), and hypothesis stops early once it has tried every distinct input.
 BUDGET = {
-    ("POST", "/generate"): 600,
-    ("POST", "/v1/images/generations"): 600,
-    ("POST", "/v1/images/edits"): 500,  # multipart: the image a binary part (mostly not an image: a 400)
-    ("POST", "/v1/images/variations"): 500,
+    ("POST", "/generate"): 500,
+    ("POST", "/v1/images/generations"): 500,
+    ("POST", "/v1/images/edits"): 420,  # multipart: the image a binary part (mostly not an image: a 400)
+    ("POST", "/v1/images/variations"): 420,
     ("GET", "/v1/models/{model}"): 200,
     ("GET", "/models"): 50, ("GET", "/v1/models"): 50, ("GET", "/healthz"): 50, ("GET", "/readyz"): 50,
     ("GET", "/metrics"): 50, ("GET", "/"): 50,
     ("GET", "/admin/models"): 20, ("POST", "/admin/scan"): 20, ("POST", "/admin/models/{name}/load"): 50,
     ("POST", "/admin/models/{name}/reload"): 50, ("POST", "/admin/models/{name}/unload"): 50,
+    # jobs: the body /generate takes (and a webhook, Idempotency-Key), fuzzed with invalid input too; the job
+    # routes with any id (unknown: 404) and any Last-Event-ID; the list with any status, limit and cursor
+    ("POST", "/jobs"): 300, ("GET", "/jobs"): 100, ("GET", "/jobs/{job_id}"): 50,
+    ("GET", "/jobs/{job_id}/events"): 50, ("DELETE", "/jobs/{job_id}"): 50, ("POST", "/jobs/{job_id}/cancel"): 50,
 }
 ADMIN = {"Authorization": "Bearer admin-key"}  # the admin routes are fuzzed with their key (without it: 401)
 # Invalid input for the JSON bodies. The multipart ones are fuzzed with schema-valid input only (whose
@@ -45,8 +49,8 @@ ADMIN = {"Authorization": "Bearer admin-key"}  # the admin routes are fuzzed wit
 # often arrives as valid text, and schemathesis 4.32's negative generation for multipart bodies fails
 # on its own ("Unsupported type: 'Binary'") depending on what ran before it. Malformed multipart
 # bodies are tested one by one instead (tests/service/test_openai_edits.py).
-NEGATIVE = {("POST", "/generate"), ("POST", "/v1/images/generations")}
-JSON_GENERATION = NEGATIVE
+NEGATIVE = {("POST", "/generate"), ("POST", "/v1/images/generations"), ("POST", "/jobs")}
+JSON_GENERATION = {("POST", "/generate"), ("POST", "/v1/images/generations")}
 MODES = [(m, p, GenerationMode.POSITIVE) for m, p in BUDGET] + [(m, p, GenerationMode.NEGATIVE) for m, p in NEGATIVE]
 MIN_CASES = 3000
 ran: dict[tuple[str, str, str], Counter] = {}  # (method, path, mode) -> answers by (status, content type)
@@ -59,7 +63,7 @@ def schema(checkpoint_dir):
     # The text model by default: it takes any short prompt, so generated requests reach the engine.
     app = create_app(Settings(checkpoint_dir=checkpoint_dir, device="cpu", default_model="tiny-text",
                               max_steps=20, max_images=2, max_prompt_chars=40, request_timeout_s=30,
-                              min_preview_every=1, admin_key="admin-key"))
+                              min_preview_every=1, admin_key="admin-key", webhook_timeout_s=1))
     loaded = schemathesis.openapi.from_asgi("/openapi.json", app)  # starts the app's lifespan, once
     yield loaded
     shutdown_lifespans()
