@@ -25,6 +25,7 @@ PYTHON=${PYTHON:-python3}
 CLF_EPOCHS=${CLF_EPOCHS:-10}
 CLF_S=${CLF_S:-$TRAIN_S}     # the classifier's budget, seconds (without a file the repository's is used)
 CLF_ARGS=${CLF_ARGS:-}         # e.g. "--limit 500" for a quick check on a CPU
+STUDY_ARGS=${STUDY_ARGS:-}     # more training.study options, e.g. "--num-real 500" for a quick check on a CPU
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT" "$RUNS"
 t0=$(date +%s)
@@ -76,12 +77,12 @@ study() {  # dataset schedule: the cheap cells first, so a cut-off study keeps t
   local ds=$1 s=$2 ck="$RUNS/$1-$2/$1-$MODEL-$2.safetensors" out="$RUNS/study-$1-$2"
   [ -f "$ck" ] || { echo "no checkpoint $ck"; return 1; }
   local common="--checkpoints $ck --data-dir $(dir_of $ds) --out $out --num-samples $N --clip static
-    --steps $STEPS --guidance 0 0.5 1 2 4 --anchor-steps $ANCHOR --anchor-guidance 2 --batch-size 1000 $(clf_for $ds)"
+    --steps $STEPS --guidance 0 0.5 1 2 4 --anchor-steps $ANCHOR --anchor-guidance 2 --batch-size 1000 $(clf_for $ds) $STUDY_ARGS"
   "$PYTHON" -m training.study $common --long-steps --repeat-seeds &&
   "$PYTHON" -m training.study $common --long-steps --repeat-seeds 1 2 &&
   "$PYTHON" -m training.study $common --long-steps $LONG --repeat-seeds 1 2
 }
-export RUNS MODEL N STEPS LONG ANCHOR DATA PYTHON
+export RUNS MODEL N STEPS LONG ANCHOR DATA PYTHON STUDY_ARGS
 stamp "studies: 4 checkpoints x ${STUDY_S} s, $N samples per cell"
 for ds in mnist fashion_mnist; do
   for s in linear cosine; do

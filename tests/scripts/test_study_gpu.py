@@ -26,7 +26,8 @@ def test_study_gpu_script_in_miniature(tmp_path):
         (data / name).symlink_to(SHARED / name)
     out, runs = tmp_path / "out", tmp_path / "runs"
     env = dict(os.environ, OUT=str(out), RUNS=str(runs), DATA=str(data), MODEL="tiny", TRAIN_S="2", STUDY_S="900",
-               N="10", STEPS="2", LONG="3", ANCHOR="2", CLF_EPOCHS="1", CLF_S="600", CLF_ARGS="--limit 200", MPS="0",
+               N="10", STEPS="2", LONG="3", ANCHOR="2", CLF_EPOCHS="1", CLF_S="600", CLF_ARGS="--limit 200",
+               STUDY_ARGS="--num-real 500", MPS="0",
                OMP_NUM_THREADS="1", PYTHON=sys.executable)
     r = subprocess.run(["bash", str(ROOT / "scripts" / "study_gpu.sh")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=1500)
