@@ -10,7 +10,7 @@
    rounds. Goal: jobs within 5 % of /generate.
 2. **Pulling replicas against round-robin.** Two replicas of the service pull jobs from one Redis
    (``--jobs-url``); two other replicas (each its own SQLite) sit behind nginx round-robin and get
-   the same work through ``/generate``. The work: long jobs (1000 steps, 4 images) sent at the start,
+   the same work through ``/generate``. The work: long jobs (1000 steps, 2 images) sent at the start,
    then short ones (10 steps, 1 image) arriving at a steady rate while they run. Reported: the short
    jobs' p50 and p99 from submission to result, and images/s over the whole run (all images over the
    time to the last one). Goal: a better short p99 at no loss of images/s. Needs ``redis-server`` and
@@ -123,7 +123,8 @@ http {{
 """
 
 
-async def mixed(urls: list[str], path: str, long_jobs: int, long_steps: int, shorts: int, every_s: float) -> dict:
+async def mixed(urls: list[str], path: str, long_jobs: int, long_steps: int, long_images: int, shorts: int,
+                every_s: float) -> dict:
     """The long jobs at once, then a short one every ``every_s`` (to the replicas in turn: for round-robin
     the one URL is nginx's); the shorts' latencies and the run's images/s."""
     send = via_job if path == "jobs" else via_generate
@@ -139,7 +140,8 @@ async def mixed(urls: list[str], path: str, long_jobs: int, long_steps: int, sho
             done.append(time.perf_counter())
             return images, (time.perf_counter() - started) if short else None
 
-        tasks = [asyncio.ensure_future(one(k, body(50_000 + 10 * k, long_steps, 4), False)) for k in range(long_jobs)]
+        tasks = [asyncio.ensure_future(one(k, body(50_000 + 10 * k, long_steps, long_images), False))
+                 for k in range(long_jobs)]
         await asyncio.sleep(every_s)
         for k in range(shorts):
             tasks.append(asyncio.ensure_future(one(long_jobs + k, body(90_000 + k, 10), True)))
@@ -191,21 +193,25 @@ def stop(procs) -> None:
             proc.kill()
 
 
-def pull_vs_round_robin(device: str, work: Path, mini: bool) -> dict:
+def pull_vs_round_robin(device: str, work: Path, mini: bool, long_jobs: int = 4, long_images: int = 2,
+                        shorts: int = 40) -> dict:
     if not (shutil.which("redis-server") and shutil.which("nginx")):
         print("skipped: pulling replicas against round-robin needs redis-server and nginx", flush=True)
         return {}
-    long_jobs, long_steps, shorts, every_s = (2, 60, 4, 0.3) if mini else (6, 1000, 60, 0.5)
+    long_steps, every_s = (60, 0.3) if mini else (1000, 0.5)
+    if mini:
+        long_jobs, shorts = 2, 4
     max_rows = 16
-    out = {"long_jobs": long_jobs, "long_steps": long_steps, "long_images": 4, "shorts": shorts, "short_steps": 10,
-           "short_every_s": every_s, "max_batch_rows": max_rows}
+    out = {"long_jobs": long_jobs, "long_steps": long_steps, "long_images": long_images, "shorts": shorts,
+           "short_steps": 10, "short_every_s": every_s, "max_batch_rows": max_rows}
     # pulling: two replicas on one Redis
     redis_proc, redis_url = start_redis(work)
     pulling = replicas(device, work, "pull", ("--jobs-url", redis_url), max_rows)
     try:
         for _, url in pulling:  # calibrate each replica's cost model before the run
             asyncio.run(closed_loop(url, 1, 1, 10, "generate", 7))
-        out["pull"] = asyncio.run(mixed([u for _, u in pulling], "jobs", long_jobs, long_steps, shorts, every_s))
+        out["pull"] = asyncio.run(mixed([u for _, u in pulling], "jobs", long_jobs, long_steps, long_images, shorts,
+                                        every_s))
         print(json.dumps({"pull": out["pull"]}), flush=True)
     finally:
         stop([p for p, _ in pulling] + [redis_proc])
@@ -226,7 +232,8 @@ def pull_vs_round_robin(device: str, work: Path, mini: bool) -> dict:
                 time.sleep(0.05)
         for _, u in pushed:
             asyncio.run(closed_loop(u, 1, 1, 10, "generate", 7))
-        out["round_robin"] = asyncio.run(mixed([url], "generate", long_jobs, long_steps, shorts, every_s))
+        out["round_robin"] = asyncio.run(mixed([url], "generate", long_jobs, long_steps, long_images, shorts,
+                                               every_s))
         print(json.dumps({"round_robin": out["round_robin"]}), flush=True)
     finally:
         stop([nginx] + [p for p, _ in pushed])
@@ -235,12 +242,12 @@ def pull_vs_round_robin(device: str, work: Path, mini: bool) -> dict:
     return out
 
 
-def run(device: str, work: Path, mini: bool = False, parts: str = "overhead,replicas") -> dict:
+def run(device: str, work: Path, mini: bool = False, parts: str = "overhead,replicas", **mix) -> dict:
     result = {"device": device, "model": MODEL.stem, "cpu_count": os.cpu_count(), "source": source_state()}
     if "overhead" in parts:
         result["overhead"] = overhead(device, work, mini)
     if "replicas" in parts:
-        result["replicas"] = pull_vs_round_robin(device, work, mini)
+        result["replicas"] = pull_vs_round_robin(device, work, mini, **mix)
     return result
 
 
@@ -253,7 +260,8 @@ def table(result: dict) -> str:
                   f"{r['ratio']:.3f} |" for r in result["overhead"]]
     r = result.get("replicas")
     if r:
-        lines += ["", f"Two replicas: {r['long_jobs']} long jobs ({r['long_steps']} steps, 4 images) at once, then "
+        lines += ["", f"Two replicas: {r['long_jobs']} long jobs ({r['long_steps']} steps, {r['long_images']} images) "
+                  "at once, then "
                   f"{r['shorts']} short ones (10 steps, 1 image) every {r['short_every_s']:g} s:", "",
                   "| replicas | short p50 s | short p99 s | short max s | images/s |", "|---|---|---|---|---|"]
         for name, label in (("pull", "pulling from Redis (jobs)"), ("round_robin", "nginx round-robin (/generate)")):
@@ -270,10 +278,14 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mini", action="store_true")
     parser.add_argument("--parts", default="overhead,replicas")
+    parser.add_argument("--long-jobs", type=int, default=4)
+    parser.add_argument("--long-images", type=int, default=2)
+    parser.add_argument("--shorts", type=int, default=40)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
-        result = run(args.device, Path(work), args.mini, args.parts)
+        result = run(args.device, Path(work), args.mini, args.parts, long_jobs=args.long_jobs,
+                     long_images=args.long_images, shorts=args.shorts)
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
