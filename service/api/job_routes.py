@@ -35,7 +35,8 @@ from service.settings import Settings
 
 router = APIRouter(tags=["jobs"])
 
-EVENTS_POLL_S = 0.2  # how often a follower looks for new events of a job another replica runs
+EVENTS_POLL_S = 0.5  # a follower's poll for new events (followers are woken at once by this replica's runner, or
+#                      by the store's notifications when another replica runs the job: this is a backstop)
 JOB_ERRORS = {**ERRORS, 404: {"model": ErrorResponse, "description": "Unknown job (or another key's), or unknown model"},
               409: {"model": ErrorResponse, "description": "The job has finished: nothing to cancel"},
               429: {"model": ErrorResponse, "description": "The job queue is full (max_jobs_queued); see Retry-After"},

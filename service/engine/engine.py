@@ -237,10 +237,11 @@ class Engine:
         """Image rows this engine can take now without anything waiting for room: the cost model's
         knee (the batch beyond which a larger one stops paying in images/s; ``max_rows`` while nothing
         is measured), converted from network rows at two per image (guided) for the batches that run,
-        less the rows in flight and the rows waiting. Pulling job runners claim by it."""
+        less the rows in flight and the rows waiting (negative when more wait). Pulling job runners
+        claim by it."""
         with self._cv:
             waiting = sum(j.rows for j in self._waiting)
-        return max(0, self.capacity() - self.rows_in_flight - waiting)
+        return self.capacity() - self.rows_in_flight - waiting  # negative: rows waiting beyond the capacity
 
     def capacity(self) -> int:
         """The image rows :meth:`free_rows` counts from: ``max_rows``, or the smallest knee among the

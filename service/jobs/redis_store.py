@@ -68,6 +68,7 @@ redis.call('ZADD', P..'owner:'..ARGV[5], seq, id)
 redis.call('HINCRBY', P..'counts', 'queued', 1)
 local ahead = position(P, id, sfx)
 redis.call('RPUSH', P..'events:'..id, cjson.encode({e='queued', d={position=ahead}}))
+redis.call('PUBLISH', P..'new', id)
 return {'created', ahead}
 """
 
@@ -116,6 +117,7 @@ if entry then
 end
 redis.call('RPUSH', P..'events:'..id, ARGV[7])
 redis.call('ZADD', P..'finished', ARGV[6], id)
+redis.call('PUBLISH', P..'events', id)
 return 1
 """
 
@@ -133,6 +135,7 @@ redis.call('ZADD', P..'queued'..sfx, redis.call('INCR', P..'seq'), id)  -- at th
 redis.call('HINCRBY', P..'counts', 'running', -1)
 redis.call('HINCRBY', P..'counts', 'queued', 1)
 redis.call('RPUSH', P..'events:'..id, cjson.encode({e='requeued', d={reason=ARGV[4]}}))
+redis.call('PUBLISH', P..'new', id)
 return 1
 """
 
@@ -141,7 +144,9 @@ local P, id = ARGV[1], ARGV[2]
 local st = redis.call('HGET', P..'job:'..id, 'status')
 if st ~= 'queued' and st ~= 'running' then return 0 end
 if ARGV[4] ~= '' then redis.call('HSET', P..'job:'..id, 'progress', ARGV[4]) end
-return redis.call('RPUSH', P..'events:'..id, ARGV[3])
+local seq = redis.call('RPUSH', P..'events:'..id, ARGV[3])
+redis.call('PUBLISH', P..'events', id)
+return seq
 """
 
 _CANCEL = """
@@ -228,7 +233,38 @@ class RedisStore(JobStore):
                     raise
         self._group_ready = True
 
+    shared = True  # other replicas claim from the same queue
+
+    def listen(self, on_new, on_event) -> None:
+        """Call ``on_new()`` when a job is queued (or given back) by any replica, and ``on_event(id)`` when
+        any replica stores one of a job's events (pub/sub on the store's Redis: replicas are woken at
+        once instead of at their next poll). A thread of its own, reconnecting after errors."""
+        import threading
+
+        def run():
+            while not self._closing:
+                try:
+                    pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.prefix + "new", self.prefix + "events")
+                    while not self._closing:
+                        message = pubsub.get_message(timeout=1.0)
+                        if message is None:
+                            continue
+                        if message["channel"] == self.prefix + "new":
+                            on_new()
+                        else:
+                            on_event(message["data"])
+                    pubsub.close()
+                except Exception:  # Redis down: the runner's polls go on; try again shortly
+                    time.sleep(1.0)
+
+        self._closing = False
+        threading.Thread(target=run, name="job-store-listener", daemon=True).start()
+
+    _closing = False
+
     def close(self) -> None:
+        self._closing = True
         super().close()
         self.r.close()
 

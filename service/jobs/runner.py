@@ -118,6 +118,21 @@ class JobRunner:
         if recovered:
             self.metrics.jobs_reclaimed.inc(recovered)
             log.info({"event": "jobs_requeued", "count": recovered, "reason": "running when the service stopped"})
+        loop = asyncio.get_running_loop()
+
+        def on_event(job_id: str) -> None:
+            try:
+                loop.call_soon_threadsafe(self._notify, job_id)
+            except RuntimeError:  # the loop has closed
+                pass
+
+        def on_new() -> None:
+            try:
+                loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:
+                pass
+
+        self.store.listen(on_new, on_event)
         self._task = asyncio.create_task(self._loop(), name="job-runner")
 
     def wake(self) -> None:
@@ -177,6 +192,7 @@ class JobRunner:
                     if now >= reclaim:
                         await self._reclaim()
                         reclaim = now + min(self.visibility_s / 2, 5.0)
+                    await self._defer()
                     await self._claim()
                 self.healthy = True
             except StoreUnavailable as e:
@@ -192,6 +208,17 @@ class JobRunner:
                 await asyncio.wait_for(self._wake.wait(), POLL_S)
             except asyncio.TimeoutError:
                 pass
+
+    async def _defer(self) -> None:
+        """Replicas sharing a queue are all woken by a new job; the least loaded should take it. So a
+        replica waits a fraction of a poll interval proportional to how full its engine is (an idle one
+        claims at once, a full one a poll later), and the one with the most room gets there first."""
+        if not self.store.shared:
+            return
+        capacity = max(1, self.engine.capacity())
+        load = min(1.0, max(0.0, 1.0 - self.free_rows() / capacity))
+        if load > 0:
+            await asyncio.sleep(POLL_S * load)
 
     async def _reclaim(self) -> None:
         free = self.free_rows()

@@ -185,6 +185,12 @@ class JobStore:
     def healthy(self) -> bool:
         return True
 
+    shared = False  # True: other processes claim from the same queue (Redis)
+
+    def listen(self, on_new, on_event) -> None:
+        """Call ``on_new()`` when another process queues a job and ``on_event(job_id)`` when it stores an
+        event (a shared store); a store of one process has nothing to listen to."""
+
 
 class QueueLimit(RuntimeError):
     def __init__(self, queued: int, retry_after_s: int = 5):

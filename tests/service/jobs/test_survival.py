@@ -110,10 +110,10 @@ def check_exactly_once(url: str, ids: list[str], sent: list[dict], jobs: list[di
 def test_sigkill_then_restart_finishes_every_job_once(tmp_path, checkpoint_dir):
     service = Service("a", tmp_path, checkpoint_dir).start()
     try:
-        sent = bodies(20, steps=30)
+        sent = bodies(20, steps=60)
         ids = [submit(service.url, b) for b in sent]
         # killed while some run and the rest wait
-        wait_until(lambda: any((status(service.url, i)["progress"] or {}).get("done", 0) > 0 for i in ids[:4]), 60,
+        wait_until(lambda: any((status(service.url, i)["progress"] or {}).get("done", 0) > 0 for i in ids), 60,
                    "no job running", service.proc, service.log)
         before = [status(service.url, i)["status"] for i in ids]
         service.kill()
@@ -156,7 +156,7 @@ def test_two_replicas_on_redis_one_killed_while_it_runs_jobs(tmp_path, checkpoin
     b = Service("b", tmp_path, checkpoint_dir, "--jobs-url", redis_server.url).start()
     r = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        sent = bodies(12, steps=40)
+        sent = bodies(8, steps=30)
         ids = [submit(a.url if k % 2 else b.url, body) for k, body in enumerate(sent)]
 
         def workers() -> dict[str, str]:
