@@ -84,12 +84,13 @@ class ReplicaDNS:
 
 
 def nginx_config(directory: Path, dns_port: int, listen_port: int, replica_port: int) -> Path:
-    """docker/nginx.conf with only its three addresses changed for loopback."""
+    """docker/nginx.conf with only its addresses changed for loopback (the replicas' port in each location:
+    generation and /jobs)."""
     text = (REPO / "docker" / "nginx.conf").read_text()
-    for old, new in [("resolver 127.0.0.11 ", f"resolver 127.0.0.1:{dns_port} "),
-                     ("listen 80;", f"listen 127.0.0.1:{listen_port};"),
-                     ("proxy_pass http://$replicas:8000;", f"proxy_pass http://$replicas:{replica_port};")]:
-        assert text.count(old) == 1, f"docker/nginx.conf changed: {old!r} not found once"
+    for old, new, times in [("resolver 127.0.0.11 ", f"resolver 127.0.0.1:{dns_port} ", 1),
+                            ("listen 80;", f"listen 127.0.0.1:{listen_port};", 1),
+                            ("proxy_pass http://$replicas:8000;", f"proxy_pass http://$replicas:{replica_port};", 2)]:
+        assert text.count(old) == times, f"docker/nginx.conf changed: {old!r} not found {times} times"
         text = text.replace(old, new)
     path = directory / "nginx.conf"
     path.write_text(text)
