@@ -42,6 +42,21 @@ def make_settings(checkpoint_dir):
     return make
 
 
+@pytest.fixture
+def gate(monkeypatch):
+    """Cleared: the engine's forward passes wait (rows stay in flight, deterministically)."""
+    opened = threading.Event()
+    opened.set()
+    net = diffusion.Pipeline.net
+
+    def gated(self, x, t, cond):
+        if threading.current_thread().name == "diffusion-engine":
+            assert opened.wait(60), "the test never opened the gate"
+        return net(self, x, t, cond)
+    monkeypatch.setattr(diffusion.Pipeline, "net", gated)
+    return opened
+
+
 @contextmanager
 def live_server(settings: Settings):
     """The app served by a real uvicorn on a free loopback port, in a thread; yields its base URL."""

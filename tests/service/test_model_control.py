@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import diffusion
-from diffusion import Pipeline
 from service.registry import ModelRegistry, device_bytes, disk_bytes, safetensors_complete
 
 from .asgi import parse_sse, serve, until
@@ -53,21 +52,6 @@ def settings(served, make_settings):
     def make(**kw):
         return make_settings(**{"checkpoint_dir": served, "default_model": "a", "poll_s": POLL, "calibrate_s": 0, **kw})
     return make
-
-
-@pytest.fixture
-def gate(monkeypatch):
-    """Cleared: the engine's forward passes wait (rows stay in flight, deterministically)."""
-    opened = threading.Event()
-    opened.set()
-    net = Pipeline.net
-
-    def gated(self, x, t, cond):
-        if threading.current_thread().name == "diffusion-engine":
-            assert opened.wait(60), "the test never opened the gate"
-        return net(self, x, t, cond)
-    monkeypatch.setattr(Pipeline, "net", gated)
-    return opened
 
 
 def images(response) -> list[str]:

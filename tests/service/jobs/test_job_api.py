@@ -5,30 +5,13 @@ purge, and the refusals at submission. Nothing here asserts wall-clock times."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
 
-from diffusion.pipeline import Pipeline
 from tests.service.asgi import parse_sse, serve, until
 
 BODY = {"prompt": "nine", "scheduler": "ddim", "steps": 4, "num_images": 2, "seed": 11}
-
-
-@pytest.fixture
-def gate(monkeypatch):
-    """Cleared: the engine's forward passes wait (a job stays running, deterministically)."""
-    opened = threading.Event()
-    opened.set()
-    net = Pipeline.net
-
-    def gated(self, x, t, cond):
-        if threading.current_thread().name == "diffusion-engine":
-            assert opened.wait(60), "the test never opened the gate"
-        return net(self, x, t, cond)
-    monkeypatch.setattr(Pipeline, "net", gated)
-    return opened
 
 
 @pytest.fixture
