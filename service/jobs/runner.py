@@ -63,9 +63,8 @@ class _Running:
 
 
 def request_body(record: JobRecord) -> GenerateRequest:
-    """The stored body as /generate's request (the job-only fields dropped)."""
-    body = {k: v for k, v in record.request.items() if k not in ("webhook", "webhook_events", "stream")}
-    return GenerateRequest.model_validate(body)
+    """The stored body as /generate's request (the routes stored it without the job-only fields)."""
+    return GenerateRequest.model_validate(record.request)
 
 
 def field_detail(e: FieldErrors) -> list[dict]:
